@@ -1,0 +1,1 @@
+"""Semantic lifting: per-pixel instance ids + per-instance language embeddings (see :mod:`.base`)."""
