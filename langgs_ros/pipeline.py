@@ -1,0 +1,350 @@
+"""The mapping pipeline: windows of frames in, a fused semantic Gaussian map out (ROS-free).
+
+:class:`MappingPipeline` runs one window synchronously (reconstruct → semantic lifting → pixel Gaussians →
+sparsify + fuse). :class:`MappingWorker` wraps it for live streams: producers call :meth:`MappingWorker.submit`
+(cheap, never blocks on the device), a single worker thread owns the device, selects keyframes, forms windows,
+runs the pipeline and publishes immutable :class:`~langgs_ros.types.MapSnapshot` objects that readers take
+without locks held during their own work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from langgs_ros.frames import FrameBuffer, FrameError, KeyframeConfig, WindowConfig
+from langgs_ros.fusion import FusionConfig, SemanticGaussianMap
+from langgs_ros.gaussians import GaussianInitConfig, gaussians_from_window
+from langgs_ros.query import QueryConfig, QueryEngine
+from langgs_ros.reconstruction.base import Reconstructor, make_reconstructor
+from langgs_ros.semantics.base import SemanticSource, make_semantic_source
+from langgs_ros.sparsify import SparsifyConfig
+from langgs_ros.types import Frame, MapSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """Typed configuration of the whole core pipeline (nerfstudio-style nested dataclasses).
+
+    Attributes:
+        device: torch device for reconstruction, lifting and fusion ("cpu", "cuda", "cuda:0").
+        backend: reconstruction backend name ("rgbd" or "feedforward"); ``backend_args`` its keyword arguments.
+        semantic_source: "labels" or "clip_sam"; ``semantic_args`` its keyword arguments.
+        up: gravity-up unit vector of the map frame (``[0, 0, 1]`` for a REP-103 ``map``).
+    """
+
+    device: str = "cpu"
+    backend: str = "rgbd"
+    backend_args: dict[str, Any] = field(default_factory=dict)
+    semantic_source: str = "labels"
+    semantic_args: dict[str, Any] = field(default_factory=dict)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    gaussians: GaussianInitConfig = field(default_factory=GaussianInitConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    up: tuple[float, float, float] = (0.0, 0.0, 1.0)
+
+
+@dataclass
+class WindowStats:
+    """Timings (seconds) and counts of one processed window."""
+
+    num_frames: int
+    num_pixel_gaussians: int
+    num_map_gaussians: int
+    num_instances: int
+    t_reconstruct: float
+    t_semantics: float
+    t_gaussians: float
+    t_fuse: float
+
+    @property
+    def t_total(self) -> float:
+        """Sum of the stage times, seconds."""
+        return self.t_reconstruct + self.t_semantics + self.t_gaussians + self.t_fuse
+
+
+class MappingPipeline:
+    """Synchronous pipeline; not thread-safe (owned by one thread, e.g. :class:`MappingWorker`).
+
+    Args:
+        config: the pipeline configuration.
+        reconstructor, semantic_source: prebuilt stages (tests, custom backends); built from ``config`` if None.
+    """
+
+    def __init__(self, config: PipelineConfig, reconstructor: Reconstructor | None = None,
+                 semantic_source: SemanticSource | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        backend_args = {"device": config.device, **config.backend_args}
+        self.reconstructor = reconstructor or make_reconstructor(config.backend, **backend_args)
+        semantic_args = dict(config.semantic_args)
+        if config.semantic_source == "clip_sam":
+            semantic_args.setdefault("device", config.device)
+        self.semantics = semantic_source or make_semantic_source(config.semantic_source, **semantic_args)
+        self.text_encoder = self.semantics.text_encoder
+        self.map = SemanticGaussianMap(
+            encoder_id=self.text_encoder.encoder_id, embedding_dim=self.text_encoder.dim, config=config.fusion,
+            sparsify_config=config.sparsify, up=config.up, device=config.device,
+        )
+        self.query_engine = QueryEngine(self.text_encoder, config.query)
+
+    def process_window(self, frames: Sequence[Frame]) -> WindowStats:
+        """Reconstruct, lift, sparsify and fuse one window into the map.
+
+        Raises:
+            ValueError: unusable window (from the backend or semantic source); the map is unchanged.
+        """
+        if len(frames) == 0:
+            raise ValueError("empty window")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            rec = self.reconstructor.reconstruct(frames)
+            t1 = time.perf_counter()
+            segs = self.semantics.segment(rec.frames)
+            t2 = time.perf_counter()
+            per_frame = gaussians_from_window(rec, segs, self.config.gaussians)
+            t3 = time.perf_counter()
+            n_pix = sum(len(g) for g in per_frame)
+            self.map.integrate(per_frame, segs, rec.world_from_camera, stamp=float(frames[-1].stamp))
+            t4 = time.perf_counter()
+        return WindowStats(len(frames), n_pix, self.map.num_gaussians, self.map.num_instances,
+                           t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+
+    def snapshot(self) -> MapSnapshot:
+        """A consistent CPU copy of the map."""
+        return self.map.snapshot()
+
+
+class MappingWorker:
+    """Runs a :class:`MappingPipeline` on a background thread fed by a bounded frame queue.
+
+    Producers (ROS subscription callbacks) call :meth:`submit`, which only appends to a deque. The worker
+    thread validates frames, selects keyframes (:class:`FrameBuffer`), forms windows every ``window_period``
+    seconds or when a window is full, and processes them. At most ``max_queued_windows`` windows wait; when the
+    worker falls behind the oldest waiting window is dropped and counted (:attr:`dropped_windows`).
+
+    Args:
+        pipeline: the pipeline (its device is owned by this worker's thread from :meth:`start` on).
+        window_period: seconds after which a partial window (>= 1 new keyframe) is processed anyway; 0 = only
+            full windows.
+        max_queued_frames: bound of the input deque (oldest frames dropped, counted in :attr:`dropped_frames`).
+        on_update: called on the worker thread with (snapshot, stats) after each processed window.
+        on_error: called on the worker thread with a message when a frame or window is rejected.
+    """
+
+    def __init__(self, pipeline: MappingPipeline, window_period: float = 5.0, max_queued_frames: int = 30,
+                 max_queued_windows: int = 2,
+                 on_update: Callable[[MapSnapshot, WindowStats], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.buffer = FrameBuffer(pipeline.config.keyframes, pipeline.config.window)
+        self.window_period = float(window_period)
+        self._frames: deque[Frame] = deque(maxlen=max(1, max_queued_frames))
+        self._windows: deque[list[Frame]] = deque()
+        self.max_queued_windows = max(1, max_queued_windows)
+        self._cv = threading.Condition()
+        self._map_lock = threading.Lock()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._snapshot = pipeline.snapshot()
+        self.on_update = on_update
+        self.on_error = on_error
+        self._last_window_time = time.monotonic()
+        self._pending_commands: deque[Callable[[], None]] = deque()
+        self.submitted = 0
+        self.dropped_frames = 0
+        self.dropped_windows = 0
+        self.rejected_frames = 0
+        self.failed_windows = 0
+        self.processed_windows = 0
+        self.last_stats: WindowStats | None = None
+        self.busy = False
+
+    # ------------------------------------------------------------------ producers
+    def submit(self, frame: Frame) -> None:
+        """Queue a frame (O(1), never blocks on the pipeline). Oldest queued frames are dropped when full."""
+        with self._cv:
+            if len(self._frames) == self._frames.maxlen:
+                self.dropped_frames += 1
+            self._frames.append(frame)
+            self.submitted += 1
+            self._cv.notify()
+
+    def run_on_worker(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
+        """Run ``fn`` on the worker thread between windows (map edits: load, reset) and return its result.
+
+        Raises:
+            TimeoutError: not run within ``timeout`` seconds; whatever ``fn`` raised otherwise.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # propagated to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        with self._cv:
+            self._pending_commands.append(call)
+            self._cv.notify()
+        if not done.wait(timeout):
+            raise TimeoutError("the mapping worker did not run the command in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    # ------------------------------------------------------------------ readers
+    def snapshot(self) -> MapSnapshot:
+        """The latest published map snapshot (immutable; safe to use from any thread)."""
+        with self._map_lock:
+            return self._snapshot
+
+    def publish_snapshot(self) -> MapSnapshot:
+        """Take a fresh snapshot from the pipeline's map and publish it (worker thread or when stopped)."""
+        snap = self.pipeline.snapshot()
+        with self._map_lock:
+            self._snapshot = snap
+        return snap
+
+    @property
+    def queue_depth(self) -> tuple[int, int]:
+        """(queued frames, queued windows)."""
+        with self._cv:
+            return len(self._frames), len(self._windows)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="langgs-mapping-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the worker to stop after its current window and join it."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def flush(self, timeout: float = 600.0) -> None:
+        """Process all queued frames and any partial window now; returns when idle (for replays and tests)."""
+        deadline = time.monotonic() + timeout
+        self.run_on_worker(lambda: self._drain(force=True), timeout=timeout)
+        while time.monotonic() < deadline:
+            with self._cv:
+                if not self._frames and not self._windows and not self.busy:
+                    return
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------------ worker thread
+    def _error(self, msg: str) -> None:
+        log.warning("%s", msg)
+        if self.on_error is not None:
+            try:
+                self.on_error(msg)
+            except Exception:  # a reporting callback must not kill the worker
+                log.exception("on_error callback failed")
+
+    def _drain(self, force: bool = False) -> None:
+        """Move queued frames into the frame buffer and emit windows; process them all (worker thread)."""
+        while True:
+            with self._cv:
+                frames = list(self._frames)
+                self._frames.clear()
+            if not frames:
+                break
+            for f in frames:
+                self._offer(f)
+        if force:
+            w = self.buffer.pop_window(force=True)
+            if w:
+                self._enqueue_window(w)
+        self._process_windows()
+
+    def _offer(self, frame: Frame) -> None:
+        try:
+            self.buffer.add(frame)
+        except FrameError as exc:
+            self.rejected_frames += 1
+            self._error(f"frame {frame.frame_id!r} rejected: {exc}")
+            return
+        while self.buffer.window_ready():
+            w = self.buffer.pop_window()
+            if w:
+                self._enqueue_window(w)
+
+    def _enqueue_window(self, window: list[Frame]) -> None:
+        with self._cv:
+            self._windows.append(window)
+            while len(self._windows) > self.max_queued_windows:
+                self._windows.popleft()
+                self.dropped_windows += 1
+                self._error(f"mapping worker falling behind: dropped the oldest window "
+                            f"({self.dropped_windows} dropped so far)")
+
+    def _process_windows(self) -> None:
+        while True:
+            with self._cv:
+                if not self._windows:
+                    return
+                window = self._windows.popleft()
+                self.busy = True
+            try:
+                stats = self.pipeline.process_window(window)
+            except (ValueError, RuntimeError) as exc:
+                self.failed_windows += 1
+                self._error(f"window of {len(window)} frames failed and was skipped: {exc}")
+                continue
+            finally:
+                with self._cv:
+                    self.busy = False
+                self._last_window_time = time.monotonic()
+            self.processed_windows += 1
+            self.last_stats = stats
+            snap = self.publish_snapshot()
+            if self.on_update is not None:
+                try:
+                    self.on_update(snap, stats)
+                except Exception:
+                    log.exception("on_update callback failed")
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not (self._stop or self._frames or self._pending_commands):
+                    self._cv.wait(timeout=0.1)  # also wakes up periodically for window_period
+                if self._stop:
+                    return
+                commands = list(self._pending_commands)
+                self._pending_commands.clear()
+            for cmd in commands:
+                cmd()
+            due = (self.window_period > 0 and self.buffer.num_pending > 0
+                   and time.monotonic() - self._last_window_time >= self.window_period)
+            self._drain(force=due)
+
+
+def camera_centers(snapshot: MapSnapshot) -> np.ndarray:
+    """(P, 3) visited camera centres of a snapshot (map frame, metres)."""
+    return np.asarray(snapshot.camera_positions, dtype=np.float64).reshape(-1, 3)
