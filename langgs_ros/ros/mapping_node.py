@@ -1,0 +1,617 @@
+"""``mapping_node``: camera stream in, semantic Gaussian map and ``/find_object`` out.
+
+Threading model: subscription callbacks only convert messages (cv_bridge / numpy) and hand matched frames to a
+:class:`~langgs_ros.pipeline.MappingWorker`, whose single thread owns the device (GPU) and runs the pipeline per
+window. Services and publishers read immutable map snapshots, so they never wait for a window to finish.
+
+Topics (relative names, remap them in the launch file):
+
+========================  ===========================================  =========================================
+topic                     type                                         notes
+========================  ===========================================  =========================================
+``image``                 sensor_msgs/Image (rgb8, bgr8, rgba8, ...)   sensor-data QoS
+``camera_info``           sensor_msgs/CameraInfo                       sensor-data QoS
+``depth``                 sensor_msgs/Image (16UC1 mm, 32FC1 m)        optional (``rgbd`` backend)
+``labels``                sensor_msgs/Image (16UC1/mono8/32SC1 ids)    optional (``labels`` semantic source)
+``odom``                  nav_msgs/Odometry                            ``pose_source: odometry``
+``~/gaussians``           sensor_msgs/PointCloud2                      reliable + transient local, rate-limited
+``~/objects``             visualization_msgs/MarkerArray               reliable + transient local
+``~/query_markers``       visualization_msgs/MarkerArray               last query's results
+``~/camera_path``         nav_msgs/Path                                reconstructed camera centres
+``/diagnostics``          diagnostic_msgs/DiagnosticArray              1 Hz
+========================  ===========================================  =========================================
+
+Services: ``find_object`` (langgs_ros/srv/FindObject), ``~/save_map``, ``~/load_map`` (langgs_ros/srv),
+``~/reset`` (std_srvs/Trigger). Parameters: see ``config/mapping.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Vector3
+from nav_msgs.msg import Odometry
+from nav_msgs.msg import Path as PathMsg
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import MarkerArray
+
+from langgs_ros.msg import ObjectLocation
+from langgs_ros.ros.conversions import (
+    ConversionError,
+    box_markers,
+    camera_info_to_k,
+    image_to_depth,
+    image_to_labels,
+    image_to_rgb,
+    pose_stamped,
+    pose_to_matrix,
+    sec_to_stamp,
+    snapshot_to_pointcloud2,
+    stamp_to_sec,
+    xyz_rpy_to_matrix,
+)
+from langgs_ros.srv import FindObject, LoadMap, SaveMap
+from langgs_ros.types import Frame, MapSnapshot
+
+MAX_QUERY_CHARS = 1000
+
+# name -> (default, description). Units in the descriptions. Mirrors config/mapping.yaml.
+PARAMETERS: dict[str, tuple[Any, str]] = {
+    "map_frame": ("map", "Frame of the published map and object poses (REP-105 map)."),
+    "camera_frame": ("", "Camera optical frame; empty = the image header's frame_id."),
+    "device": ("cpu", "Torch device of the pipeline: cpu, cuda, cuda:N."),
+    "pose_source": ("auto", "Camera poses: tf (tf2_ros lookup map_frame<-camera), odometry (odom topic + "
+                            "camera_extrinsic), none (unposed: feedforward backend), auto (tf if installed, "
+                            "else odometry)."),
+    "camera_extrinsic_xyz": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame translation, m."),
+    "camera_extrinsic_rpy": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame roll/pitch/yaw, rad."),
+    "sync_tolerance": (0.05, "Max stamp difference (s) when matching colour, depth, labels and poses."),
+    "backend": ("rgbd", "Reconstruction backend: rgbd or feedforward."),
+    "semantic_source": ("labels", "Semantic source: labels (label image topic) or clip_sam."),
+    "label_names_file": ("", "JSON with label id -> name (objects.json layout or a plain {id: name} map)."),
+    "window.size": (8, "Keyframes per reconstruction window."),
+    "window.overlap": (2, "Keyframes shared by consecutive windows."),
+    "window_period": (5.0, "s: a partial window is processed after this long without a full one (0 = never)."),
+    "keyframe.min_translation": (0.10, "m of camera motion that makes a keyframe."),
+    "keyframe.min_rotation": (0.14, "rad of camera rotation that makes a keyframe."),
+    "keyframe.min_image_change": (0.06, "Mean grey change in [0,1] that makes a keyframe (unposed)."),
+    "keyframe.max_interval": (5.0, "s after which a frame is a keyframe regardless of motion."),
+    "max_depth": (10.0, "m; depth beyond this is invalid."),
+    "max_gaussians": (2_000_000, "Bound of the map's Gaussian count (eviction policy: see fusion docs)."),
+    "voxel_size": (0.02, "m; base voxel size of the geometric sparsification."),
+    "queue.max_frames": (30, "Frames waiting for the worker; oldest dropped beyond."),
+    "queue.max_windows": (2, "Windows waiting for the worker; oldest dropped (counted) beyond."),
+    "publish.gaussians_period": (2.0, "s between ~/gaussians publications (only when the map changed)."),
+    "publish.max_points": (2_000_000, "At most this many Gaussians per ~/gaussians message (highest opacity)."),
+    "query.top_k": (5, "Default number of /find_object results."),
+    "query.min_score": (0.5, "Default minimum relevancy score in [0, 1]."),
+    "autosave_period": (0.0, "s between autosaves of a changed map (0 = off)."),
+    "autosave_path": ("", "Autosave .ply path (a sidecar is written beside it)."),
+    "load_on_start": (False, "Load autosave_path at start when it exists."),
+    "semantic.clip_model": ("ViT-B-16", "open_clip model name (clip_sam)."),
+    "semantic.clip_pretrained": ("laion2b_s34b_b88k", "open_clip pretrained tag or checkpoint path."),
+    "semantic.sam_model_type": ("vit_b", "segment-anything model type (vit_b, vit_l, vit_h)."),
+    "semantic.sam_checkpoint": ("", "segment-anything checkpoint path; empty = the download cache."),
+    "semantic.points_per_side": (16, "SAM automatic mask generator grid."),
+    "semantic.preset": ("full", "full (real weights) or tiny (random-init test models)."),
+    "feedforward.preset": ("vggt_1b", "VGGT preset: vggt_1b (released weights) or tiny."),
+    "feedforward.weights": ("", "VGGT checkpoint path or Hugging Face repo id; empty = default repo."),
+}
+
+
+@dataclass
+class _Pending:
+    stamp: float
+    frame_id: str
+    rgb: np.ndarray
+    received: float
+
+
+def _load_label_names(path: str) -> dict[int, str]:
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "objects" in data:
+        return {int(o["id"]): str(o["name"]) for o in data["objects"]}
+    return {int(k): str(v) for k, v in data.items()}
+
+
+class MappingNode(Node):
+    """The langgs_ros mapping node (see the module docstring for its interface).
+
+    Args:
+        node_name: ROS node name; ``pipeline``: a prebuilt pipeline (tests), else built from parameters.
+    """
+
+    def __init__(self, node_name: str = "mapping_node", pipeline=None, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        for name, (default, desc) in PARAMETERS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(description=desc))
+        p = self._param
+        self.map_frame: str = p("map_frame")
+        self.sync_tol = float(p("sync_tolerance"))
+        self.label_names = _load_label_names(p("label_names_file"))
+        self.backend: str = p("backend")
+        self.semantic_source: str = p("semantic_source")
+        self.need_depth = self.backend == "rgbd"
+        self.need_labels = self.semantic_source == "labels"
+        self.pose_source = self._resolve_pose_source(p("pose_source"))
+        self.T_child_camera = xyz_rpy_to_matrix(list(p("camera_extrinsic_xyz")), list(p("camera_extrinsic_rpy")))
+        self._errors: dict[str, int] = {}
+        self._last_color_stamp: float | None = None
+        self._lock = threading.Lock()
+        self._pending: deque[_Pending] = deque(maxlen=10)
+        self._depths: deque[tuple[float, np.ndarray]] = deque(maxlen=10)
+        self._labels: deque[tuple[float, np.ndarray]] = deque(maxlen=10)
+        self._odom: deque[tuple[float, np.ndarray]] = deque(maxlen=400)
+        self._camera_info: tuple[np.ndarray, int, int] | None = None
+        self.callback_cost = deque(maxlen=200)  # seconds per colour callback, for diagnostics/bench
+        self._bridge = None
+
+        from langgs_ros.pipeline import MappingPipeline, MappingWorker
+
+        self.pipeline = pipeline if pipeline is not None else MappingPipeline(self._pipeline_config())
+        self.worker = MappingWorker(
+            self.pipeline, window_period=float(p("window_period")), max_queued_frames=int(p("queue.max_frames")),
+            max_queued_windows=int(p("queue.max_windows")), on_error=self._worker_error,
+        )
+        self._published_version = -1
+        self._saved_version = -1
+        self._last_gaussians_pub = 0.0
+
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
+        self.pub_gaussians = self.create_publisher(PointCloud2, "~/gaussians", latched)
+        self.pub_objects = self.create_publisher(MarkerArray, "~/objects", latched)
+        self.pub_query = self.create_publisher(MarkerArray, "~/query_markers", latched)
+        self.pub_path = self.create_publisher(PathMsg, "~/camera_path", latched)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+        self._sub_group = MutuallyExclusiveCallbackGroup()
+        self._srv_group = ReentrantCallbackGroup()
+        self._timer_group = MutuallyExclusiveCallbackGroup()
+        self._save_group = MutuallyExclusiveCallbackGroup()
+        sd = qos_profile_sensor_data
+        self.create_subscription(Image, "image", self._on_image, sd, callback_group=self._sub_group)
+        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sd, callback_group=self._sub_group)
+        if self.need_depth:
+            self.create_subscription(Image, "depth", self._on_depth, sd, callback_group=self._sub_group)
+        if self.need_labels:
+            self.create_subscription(Image, "labels", self._on_labels, sd, callback_group=self._sub_group)
+        if self.pose_source == "odometry":
+            self.create_subscription(Odometry, "odom", self._on_odom, 50, callback_group=self._sub_group)
+        self._tf_buffer = None
+        if self.pose_source == "tf":
+            import tf2_ros
+
+            self._tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+
+        self.create_service(FindObject, "find_object", self._srv_find_object, callback_group=self._srv_group)
+        self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=self._save_group)
+        self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=self._save_group)
+        self.create_service(Trigger, "~/reset", self._srv_reset, callback_group=self._save_group)
+
+        self.create_timer(0.2, self._publish_if_changed, callback_group=self._timer_group)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._timer_group)
+        period = float(p("autosave_period"))
+        if period > 0 and p("autosave_path"):
+            self.create_timer(period, self._autosave, callback_group=self._save_group)
+        if p("load_on_start") and p("autosave_path") and Path(p("autosave_path")).is_file():
+            ok, msg, _, _ = self._load(p("autosave_path"))
+            (self.get_logger().info if ok else self.get_logger().error)(f"load_on_start: {msg}")
+        self.worker.start()
+        self.get_logger().info(
+            f"mapping_node ready: backend={self.backend}, semantics={self.semantic_source}, "
+            f"pose_source={self.pose_source}, device={p('device')}, map_frame={self.map_frame}"
+        )
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    def _resolve_pose_source(self, requested: str) -> str:
+        if requested not in ("auto", "tf", "odometry", "none"):
+            self.get_logger().error(f"unknown pose_source {requested!r}; using auto")
+            requested = "auto"
+        if requested in ("auto", "tf"):
+            try:
+                import tf2_ros  # noqa: F401
+                return "tf"
+            except ImportError:
+                if requested == "tf":
+                    self.get_logger().error("pose_source tf requested but tf2_ros is not installed; using odometry")
+                return "odometry"
+        return requested
+
+    def _pipeline_config(self):
+        from langgs_ros.frames import KeyframeConfig, WindowConfig
+        from langgs_ros.pipeline import PipelineConfig
+
+        p = self._param
+        cfg = PipelineConfig(device=p("device"), backend=self.backend, semantic_source=self.semantic_source)
+        cfg.window = WindowConfig(size=int(p("window.size")), overlap=int(p("window.overlap")))
+        cfg.keyframes = KeyframeConfig(
+            min_translation=float(p("keyframe.min_translation")), min_rotation=float(p("keyframe.min_rotation")),
+            min_image_change=float(p("keyframe.min_image_change")), max_interval=float(p("keyframe.max_interval")),
+        )
+        cfg.fusion.max_gaussians = int(p("max_gaussians"))
+        cfg.sparsify.voxel_size = float(p("voxel_size"))
+        cfg.query.top_k = int(p("query.top_k"))
+        cfg.query.min_score = float(p("query.min_score"))
+        if self.backend == "rgbd":
+            cfg.backend_args = {"max_depth": float(p("max_depth"))}
+        elif self.backend == "feedforward":
+            cfg.backend_args = {"preset": p("feedforward.preset")}
+            if p("feedforward.weights"):
+                cfg.backend_args["weights"] = p("feedforward.weights")
+        if self.semantic_source == "labels":
+            cfg.semantic_args = {"label_names": self.label_names or None}
+        elif self.semantic_source == "clip_sam":
+            cfg.semantic_args = {
+                "clip_model": p("semantic.clip_model"), "clip_pretrained": p("semantic.clip_pretrained"),
+                "sam_model_type": p("semantic.sam_model_type"),
+                "sam_checkpoint": p("semantic.sam_checkpoint") or None,
+                "points_per_side": int(p("semantic.points_per_side")), "preset": p("semantic.preset"),
+            }
+        return cfg
+
+    # ------------------------------------------------------------------------------------------ errors
+    def _warn(self, key: str, msg: str) -> None:
+        """Count an input problem and log it, throttled per problem kind (2 s)."""
+        self._errors[key] = self._errors.get(key, 0) + 1
+        self.get_logger().warning(f"{msg} [{key}: {self._errors[key]} so far]", throttle_duration_sec=2.0)
+
+    def _worker_error(self, msg: str) -> None:
+        self._warn("worker", msg)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            self._camera_info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
+        except ConversionError as exc:
+            self._warn("camera_info", f"CameraInfo ignored: {exc}")
+
+    def _on_image(self, msg: Image) -> None:
+        t0 = time.perf_counter()
+        stamp = stamp_to_sec(msg.header.stamp)
+        if self._last_color_stamp is not None and stamp < self._last_color_stamp:
+            self._warn("stamp_backwards", f"colour image stamp {stamp:.3f} s is older than the previous "
+                                          f"{self._last_color_stamp:.3f} s; dropped")
+            return
+        try:
+            if self._bridge is None:
+                from cv_bridge import CvBridge
+
+                self._bridge = CvBridge()
+            rgb = image_to_rgb(msg, self._bridge)
+        except ConversionError as exc:
+            self._warn("image", f"colour image dropped: {exc}")
+            return
+        self._last_color_stamp = stamp
+        frame_id = self._param("camera_frame") or msg.header.frame_id
+        with self._lock:
+            if len(self._pending) == self._pending.maxlen:
+                self._errors["unmatched_color"] = self._errors.get("unmatched_color", 0) + 1
+            self._pending.append(_Pending(stamp, frame_id, rgb, time.monotonic()))
+        self._match()
+        self.callback_cost.append(time.perf_counter() - t0)
+
+    def _on_depth(self, msg: Image) -> None:
+        try:
+            depth = image_to_depth(msg)
+        except ConversionError as exc:
+            self._warn("depth", f"depth image dropped: {exc}")
+            return
+        with self._lock:
+            self._depths.append((stamp_to_sec(msg.header.stamp), depth))
+        self._match()
+
+    def _on_labels(self, msg: Image) -> None:
+        try:
+            labels = image_to_labels(msg)
+        except ConversionError as exc:
+            self._warn("labels", f"label image dropped: {exc}")
+            return
+        with self._lock:
+            self._labels.append((stamp_to_sec(msg.header.stamp), labels))
+        self._match()
+
+    def _on_odom(self, msg: Odometry) -> None:
+        try:
+            T = pose_to_matrix(msg.pose.pose)
+        except ConversionError as exc:
+            self._warn("odom", f"odometry dropped: {exc}")
+            return
+        with self._lock:
+            self._odom.append((stamp_to_sec(msg.header.stamp), T))
+        self._match()
+
+    @staticmethod
+    def _nearest(items: deque, stamp: float, tol: float):
+        best, best_dt = None, tol
+        for t, value in items:
+            dt = abs(t - stamp)
+            if dt <= best_dt:
+                best, best_dt = value, dt
+        return best
+
+    def _pose_for(self, stamp: float, camera_frame: str) -> np.ndarray | None:
+        if self.pose_source == "none":
+            return None
+        if self.pose_source == "odometry":
+            T = self._nearest(self._odom, stamp, self.sync_tol)
+            return None if T is None else T @ self.T_child_camera
+        try:  # tf
+            from rclpy.time import Time as RclTime
+
+            tf = self._tf_buffer.lookup_transform(self.map_frame, camera_frame, RclTime(seconds=stamp))
+            t, q = tf.transform.translation, tf.transform.rotation
+            from geometry_msgs.msg import Point, Pose, Quaternion
+
+            return pose_to_matrix(Pose(position=Point(x=t.x, y=t.y, z=t.z),
+                                       orientation=Quaternion(x=q.x, y=q.y, z=q.z, w=q.w)))
+        except Exception:  # tf2 raises several lookup exceptions; the frame waits or is dropped
+            return None
+
+    def _match(self) -> None:
+        """Pair pending colour images with depth, labels, CameraInfo and poses by stamp; submit complete frames."""
+        ready: list[Frame] = []
+        with self._lock:
+            if self._camera_info is None and self.backend == "rgbd":
+                return
+            newest = self._pending[-1].stamp if self._pending else 0.0
+            keep: deque[_Pending] = deque(maxlen=self._pending.maxlen)
+            for pend in self._pending:
+                depth = self._nearest(self._depths, pend.stamp, self.sync_tol) if self.need_depth else None
+                labels = self._nearest(self._labels, pend.stamp, self.sync_tol) if self.need_labels else None
+                pose = self._pose_for(pend.stamp, pend.frame_id)
+                complete = ((depth is not None or not self.need_depth)
+                            and (labels is not None or not self.need_labels)
+                            and (pose is not None or self.pose_source == "none"))
+                if not complete:
+                    if newest - pend.stamp > 1.0:  # its partners will not come any more
+                        self._errors["unmatched_color"] = self._errors.get("unmatched_color", 0) + 1
+                    else:
+                        keep.append(pend)
+                    continue
+                K = None
+                if self._camera_info is not None:
+                    K, w, h = self._camera_info
+                    if (w, h) != (pend.rgb.shape[1], pend.rgb.shape[0]):
+                        self._warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
+                                                    f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
+                        continue
+                if depth is not None and depth.shape != pend.rgb.shape[:2]:
+                    self._warn("size_mismatch", f"depth is {depth.shape[1]}x{depth.shape[0]} but the image is "
+                                                f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
+                    continue
+                if labels is not None and labels.shape != pend.rgb.shape[:2]:
+                    self._warn("size_mismatch", "label image size differs from the colour image; frame dropped")
+                    continue
+                ready.append(Frame(rgb=pend.rgb, stamp=pend.stamp, frame_id=pend.frame_id, depth=depth,
+                                   intrinsics=K, world_from_camera=pose, labels=labels,
+                                   label_names=self.label_names or None))
+            self._pending = keep
+        for f in ready:
+            self.worker.submit(f)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _publish_if_changed(self) -> None:
+        snap = self.worker.snapshot()
+        if snap.version == self._published_version:
+            return
+        now = time.monotonic()
+        if now - self._last_gaussians_pub < float(self._param("publish.gaussians_period")):
+            return
+        self._last_gaussians_pub = now
+        self._published_version = snap.version
+        stamp = self.get_clock().now().to_msg()
+        self.pub_gaussians.publish(snapshot_to_pointcloud2(self._limit_points(snap), stamp, self.map_frame))
+        self.pub_objects.publish(box_markers(snap, stamp, frame_id=self.map_frame))
+        path = PathMsg(header=Header(stamp=stamp, frame_id=self.map_frame))
+        for c in np.asarray(snap.camera_positions).reshape(-1, 3):
+            path.poses.append(pose_stamped(c, 0.0, stamp, self.map_frame))
+        self.pub_path.publish(path)
+
+    def _limit_points(self, snap: MapSnapshot) -> MapSnapshot:
+        limit = int(self._param("publish.max_points"))
+        if len(snap.gaussians) <= limit:
+            return snap
+        import torch
+
+        idx = torch.topk(snap.gaussians.opacities, limit).indices
+        return MapSnapshot(gaussians=snap.gaussians.select(idx), instances=snap.instances, encoder_id=snap.encoder_id,
+                           up=snap.up, frame_id=snap.frame_id, camera_positions=snap.camera_positions,
+                           floor_height=snap.floor_height, stamp=snap.stamp, version=snap.version)
+
+    def _publish_diagnostics(self) -> None:
+        snap = self.worker.snapshot()
+        w = self.worker
+        qf, qw = w.queue_depth
+        values = {
+            "map_gaussians": len(snap.gaussians), "map_instances": len(snap.instances), "map_version": snap.version,
+            "queued_frames": qf, "queued_windows": qw, "dropped_frames": w.dropped_frames,
+            "dropped_windows": w.dropped_windows, "rejected_frames": w.rejected_frames,
+            "failed_windows": w.failed_windows, "processed_windows": w.processed_windows,
+            "keyframes": w.buffer.num_keyframes,
+        }
+        values.update({f"input_errors.{k}": v for k, v in self._errors.items()})
+        if self.callback_cost:
+            values["image_callback_ms_mean"] = round(1e3 * float(np.mean(self.callback_cost)), 3)
+        st = w.last_stats
+        if st is not None:
+            values.update({"t_reconstruct_s": round(st.t_reconstruct, 4), "t_semantics_s": round(st.t_semantics, 4),
+                           "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4)})
+        import torch
+
+        dev = self.pipeline.device
+        if dev.type == "cuda":
+            values["device_memory_mb"] = round(torch.cuda.memory_allocated(dev) / 2**20, 1)
+        level = DiagnosticStatus.WARN if (w.dropped_windows or self._errors) else DiagnosticStatus.OK
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: mapping", hardware_id=str(dev),
+                                  message="dropping windows" if w.dropped_windows else "ok",
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        self.pub_diag.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+    # ------------------------------------------------------------------------------------------ services
+    def _srv_find_object(self, request: FindObject.Request, response: FindObject.Response) -> FindObject.Response:
+        snap = self.worker.snapshot()
+        response.map_stamp = sec_to_stamp(snap.stamp)
+        query = request.query
+        if not query.strip():
+            response.success, response.message = False, "query is empty"
+            return response
+        if len(query) > MAX_QUERY_CHARS:
+            response.success = False
+            response.message = f"query is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})"
+            return response
+        if len(snap.instances) == 0:
+            response.success, response.message = False, "map is empty"
+            return response
+        if not 0.0 <= request.min_score <= 1.0 or not math.isfinite(request.min_score):
+            response.success, response.message = False, f"min_score must be in [0, 1], got {request.min_score}"
+            return response
+        try:
+            results = self.pipeline.query_engine.query(
+                snap, query, top_k=int(request.max_results) or None, min_score=float(request.min_score) or None,
+                negatives=[n for n in request.negatives if n.strip()],
+            )
+        except ValueError as exc:
+            response.success, response.message = False, str(exc)
+            return response
+        stamp = self.get_clock().now().to_msg()
+        for r in results:
+            response.objects.append(ObjectLocation(
+                instance_id=int(r.instance_id), label=r.name or query, score=float(r.score),
+                pose=pose_stamped(r.center, r.yaw, stamp, self.map_frame, snap.up),
+                size=Vector3(x=float(r.size[0]), y=float(r.size[1]), z=float(r.size[2])),
+                num_gaussians=int(r.num_gaussians),
+                approach_pose=pose_stamped(r.approach_position, r.approach_yaw, stamp, self.map_frame, snap.up),
+            ))
+        response.success = True
+        response.message = f"{len(results)} object(s) for {query!r}" if results else f"no object matches {query!r}"
+        self.pub_query.publish(box_markers(snap, stamp, namespace="query",
+                                           highlight={int(r.instance_id): float(r.score) for r in results},
+                                           frame_id=self.map_frame))
+        return response
+
+    def _save(self, path: str) -> tuple[bool, str, int, int]:
+        from langgs_ros.persistence import save_map
+
+        snap = self.worker.snapshot()
+        try:
+            save_map(snap, path)
+        except (OSError, ValueError) as exc:
+            return False, f"save failed: {exc}", 0, 0
+        return True, f"saved {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances to {path}", \
+            len(snap.gaussians), len(snap.instances)
+
+    def _load(self, path: str) -> tuple[bool, str, int, int]:
+        from langgs_ros.fusion import SemanticGaussianMap
+        from langgs_ros.persistence import load_map
+
+        try:
+            snap = load_map(path, expected_encoder_id=self.pipeline.text_encoder.encoder_id)
+        except (OSError, ValueError) as exc:
+            return False, f"load failed, map unchanged: {exc}", 0, 0
+
+        def replace() -> None:
+            cfg = self.pipeline.config
+            self.pipeline.map = SemanticGaussianMap.from_snapshot(
+                snap, config=cfg.fusion, sparsify_config=cfg.sparsify, device=cfg.device)
+            self.worker.buffer.reset()
+            self.worker.publish_snapshot()
+
+        self.worker.run_on_worker(replace)
+        return True, f"loaded {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances from {path}", \
+            len(snap.gaussians), len(snap.instances)
+
+    def _srv_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+        path = request.path or self._param("autosave_path")
+        if not path:
+            response.success, response.message = False, "no path given and autosave_path is not set"
+            return response
+        response.success, response.message, response.num_gaussians, response.num_instances = self._save(path)
+        return response
+
+    def _srv_load_map(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
+        path = request.path or self._param("autosave_path")
+        if not path:
+            response.success, response.message = False, "no path given and autosave_path is not set"
+            return response
+        response.success, response.message, response.num_gaussians, response.num_instances = self._load(path)
+        return response
+
+    def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        def reset() -> None:
+            self.pipeline.map.reset()
+            self.worker.buffer.reset()
+            self.worker.publish_snapshot()
+
+        self.worker.run_on_worker(reset)
+        with self._lock:
+            self._last_color_stamp = None
+        response.success, response.message = True, "map cleared"
+        return response
+
+    def _autosave(self) -> None:
+        snap = self.worker.snapshot()
+        if snap.version == self._saved_version or len(snap.gaussians) == 0:
+            return
+        ok, msg, _, _ = self._save(self._param("autosave_path"))
+        if ok:
+            self._saved_version = snap.version
+            self.get_logger().info(f"autosave: {msg}")
+        else:
+            self._warn("autosave", msg)
+
+    def destroy_node(self) -> None:
+        """Stop the worker thread, then destroy the node."""
+        self.worker.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point (``ros2 run langgs_ros mapping_node`` / ``langgs-mapping-node``)."""
+    logging.basicConfig(level=os.environ.get("LANGGS_LOG_LEVEL", "INFO"))
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = None
+    executor = MultiThreadedExecutor(num_threads=4)
+    try:
+        node = MappingNode()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
