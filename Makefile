@@ -1,0 +1,34 @@
+# langgs_ros — two commands for newcomers: `make demo` (the main job) and `make test` (the whole test suite).
+# Both set up the environment first (scripts/setup_env.sh: idempotent, a few seconds once done).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo bench colcon clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Whole suite: lint, then pytest (ROS tests run over loopback-only DDS, see test/conftest.py).
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Replays an RGB-D folder into the real mapping node over loopback DDS and answers language queries.
+# DATA=<folder> (hololens or TUM layout); default ../shared/data/hololens_office when present.
+demo: setup
+	@bash scripts/demo.sh "$(DATA)"
+
+bench: setup
+	$(PY) bench/run_all.py
+
+# colcon build of this package against the pip-installed ROS (build/install/log under build/colcon).
+colcon: setup
+	@bash scripts/colcon_build.sh
+
+clean:
+	rm -rf build install log .pytest_cache
