@@ -1,0 +1,252 @@
+"""``langgs``: build, query, render and inspect semantic Gaussian maps from the command line (no ROS needed).
+
+    langgs map --rgbd DIR --out MAP.ply [--semantic labels|clip_sam] [--backend rgbd|feedforward] [--window N]
+    langgs query MAP.ply "TEXT" [--top-k K] [--json]
+    langgs render MAP.ply (--pose 16 numbers | --pose-file FILE --index I) --intrinsics FX FY CX CY
+                  --size W H --out view.png [--what rgb|depth|instances]
+    langgs info MAP.ply
+
+Frames: ``map`` writes the map in the dataset's world frame (the frame of its camera-to-world poses), metres;
+``query`` prints positions in that frame (metres, radians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+
+log = logging.getLogger("langgs")
+
+
+def estimate_up(world_from_camera: np.ndarray) -> np.ndarray:
+    """Gravity-up estimate from camera poses: the mean camera "up" (minus the optical y axis) in the world.
+
+    Hand-held and robot cameras are held roughly upright, so the average of ``-R[:, 1]`` over many frames is a
+    robust up estimate when nothing better (an IMU, annotations) is known.
+
+    Args:
+        world_from_camera: (N, 4, 4) camera-to-world poses, OpenCV optical axes.
+
+    Returns:
+        (3,) unit vector in the world frame.
+    """
+    ups = -np.asarray(world_from_camera)[:, :3, 1]
+    m = ups.mean(axis=0)
+    n = np.linalg.norm(m)
+    return m / n if n > 1e-6 else np.array([0.0, 0.0, 1.0])
+
+
+def _parse_frames(spec: str | None, n: int) -> list[int]:
+    if not spec:
+        return list(range(n))
+    parts = [int(p) if p else None for p in spec.split(":")]
+    return list(range(n))[slice(*parts)]
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """Build a map from an RGB-D folder and save it."""
+    from tqdm import tqdm
+
+    from langgs_ros.datasets import open_sequence
+    from langgs_ros.frames import KeyframeConfig, WindowConfig
+    from langgs_ros.persistence import save_map
+    from langgs_ros.pipeline import MappingPipeline, PipelineConfig
+
+    seq = open_sequence(args.rgbd, max_depth=args.max_depth)
+    for line in seq.report:
+        print(f"[langgs] {line}", file=sys.stderr)
+    if args.backend == "rgbd" and (seq.intrinsics is None or seq.poses is None
+                                   or all(p is None for p in seq.depth_paths)):
+        print("[langgs] error: the rgbd backend needs depth, intrinsics and poses; use --backend feedforward",
+              file=sys.stderr)
+        return 2
+    if args.semantic == "labels" and not any(p is not None for p in seq.label_paths):
+        print("[langgs] error: --semantic labels needs annotations/labels/ and annotations/objects.json; "
+              "use --semantic clip_sam", file=sys.stderr)
+        return 2
+    indices = _parse_frames(args.frames, len(seq))
+    up = seq.up if seq.up is not None else (estimate_up(seq.poses[indices]) if seq.poses is not None else None)
+    cfg = PipelineConfig(device=args.device, backend=args.backend, semantic_source=args.semantic)
+    cfg.window = WindowConfig(size=args.window, overlap=min(args.overlap, args.window - 1))
+    cfg.keyframes = KeyframeConfig(min_translation=0.0, min_rotation=0.0, min_image_change=0.0)  # every frame
+    if up is not None:
+        cfg.up = tuple(float(x) for x in up)
+    if args.backend == "rgbd":
+        cfg.backend_args = {"max_depth": args.max_depth}
+    if args.semantic == "labels":
+        cfg.semantic_args = {"label_names": seq.label_names or None}
+    elif args.semantic == "clip_sam":
+        cfg.semantic_args = {"preset": args.preset}
+    if args.voxel_size:
+        cfg.sparsify.voxel_size = args.voxel_size
+    pipeline = MappingPipeline(cfg)
+    from langgs_ros.frames import FrameBuffer
+
+    buf = FrameBuffer(cfg.keyframes, cfg.window)
+    windows = 0
+    with tqdm(total=len(indices), desc="mapping", unit="frame", disable=args.quiet) as bar:
+        for frame in seq.frames(indices):
+            buf.add(frame)
+            bar.update(1)
+            while buf.window_ready():
+                pipeline.process_window(buf.pop_window())
+                windows += 1
+                bar.set_postfix(gaussians=pipeline.map.num_gaussians, instances=pipeline.map.num_instances)
+        last = buf.pop_window(force=True)
+        if last:
+            pipeline.process_window(last)
+            windows += 1
+    snap = pipeline.snapshot()
+    save_map(snap, args.out)
+    print(f"[langgs] {windows} windows, {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances "
+          f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+def text_encoder_for(encoder_id: str, device: str = "cpu"):
+    """Build the text encoder that produced a map's embeddings, from the map's ``encoder_id``.
+
+    Raises:
+        ValueError: an encoder id this version does not know.
+    """
+    from langgs_ros.semantics.text import encoder_from_id
+
+    return encoder_from_id(encoder_id, device=device)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Answer a text query against a saved map."""
+    from langgs_ros.persistence import load_map
+    from langgs_ros.query import QueryConfig, QueryEngine, to_json_dict
+
+    snap = load_map(args.map)
+    engine = QueryEngine(text_encoder_for(snap.encoder_id, args.device), QueryConfig())
+    try:
+        results = engine.query(snap, args.text, top_k=args.top_k, min_score=args.min_score,
+                               negatives=args.negative or ())
+    except ValueError as exc:
+        print(f"[langgs] error: {exc}", file=sys.stderr)
+        return 2
+    out = to_json_dict(results, args.text)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        if not results:
+            print(f"no object matches {args.text!r}")
+        for o in out["objects"]:
+            c = ", ".join(f"{x:.2f}" for x in o["center"])
+            s = " x ".join(f"{x:.2f}" for x in o["size"])
+            print(f"{o['score']:.3f}  #{o['id']:<4} {o['name'] or '?':<24} center [{c}] m  size {s} m  "
+                  f"yaw {o['yaw']:.2f} rad  ({o['num_gaussians']} Gaussians)")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render a view of a saved map to a PNG."""
+    import cv2
+
+    from langgs_ros.persistence import load_map
+    from langgs_ros.render import render_gaussians
+
+    snap = load_map(args.map)
+    if args.pose is not None:
+        pose = np.asarray(args.pose, dtype=np.float64).reshape(4, 4)
+    else:
+        rows = np.loadtxt(args.pose_file, dtype=np.float64, ndmin=2)
+        pose = rows[args.index].reshape(4, 4)
+    fx, fy, cx, cy = args.intrinsics
+    K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    w, h = args.size
+    out = render_gaussians(snap.gaussians, pose, K, w, h)
+    if args.what == "rgb":
+        img = (np.asarray(out.rgb).clip(0, 1) * 255).astype(np.uint8)[..., ::-1]
+    elif args.what == "depth":
+        d = np.asarray(out.depth)
+        img = (d * 1000.0).clip(0, 65535).astype(np.uint16)  # 16-bit PNG in millimetres
+    else:
+        ids = np.asarray(out.instance_ids)
+        rng = np.random.default_rng(0)
+        palette = rng.integers(40, 255, size=(max(int(ids.max()) + 2, 2), 3), dtype=np.uint8)
+        img = np.where((ids >= 0)[..., None], palette[ids.clip(0)], 0).astype(np.uint8)
+    if not cv2.imwrite(str(args.out), img):
+        print(f"[langgs] error: could not write {args.out}", file=sys.stderr)
+        return 2
+    print(f"[langgs] wrote {args.what} {w}x{h} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a map's counts, bounds, encoder and instances."""
+    from langgs_ros.persistence import map_info
+
+    info = map_info(args.map)
+    print(json.dumps(info, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``langgs`` argument parser."""
+    p = argparse.ArgumentParser(prog="langgs", description="Language-queryable semantic Gaussian maps")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("map", help="build a map from an RGB-D folder (hololens or TUM layout)")
+    m.add_argument("--rgbd", required=True, help="input folder")
+    m.add_argument("--out", required=True, help="output .ply (instances sidecar written beside it)")
+    m.add_argument("--semantic", choices=("labels", "clip_sam"), default="labels")
+    m.add_argument("--backend", choices=("rgbd", "feedforward"), default="rgbd")
+    m.add_argument("--preset", choices=("full", "tiny"), default="full", help="clip_sam model size")
+    m.add_argument("--window", type=int, default=8, help="frames per window")
+    m.add_argument("--overlap", type=int, default=2, help="frames shared by consecutive windows")
+    m.add_argument("--frames", help="python slice start:stop:step of frames to use")
+    m.add_argument("--max-depth", type=float, default=10.0, help="m; farther depth is invalid")
+    m.add_argument("--voxel-size", type=float, default=0.0, help="m; base voxel size (0 = default)")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_map)
+
+    q = sub.add_parser("query", help="find objects by text")
+    q.add_argument("map")
+    q.add_argument("text")
+    q.add_argument("--top-k", type=int, default=None)
+    q.add_argument("--min-score", type=float, default=None)
+    q.add_argument("--negative", action="append", help="extra negative phrase (repeatable)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=cmd_query)
+
+    r = sub.add_parser("render", help="render a view of a map")
+    r.add_argument("map")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--pose", type=float, nargs=16, help="camera-to-world 4x4, row-major")
+    g.add_argument("--pose-file", help="file of row-major 4x4 camera-to-world poses, one per line")
+    r.add_argument("--index", type=int, default=0, help="line of --pose-file")
+    r.add_argument("--intrinsics", type=float, nargs=4, required=True, metavar=("FX", "FY", "CX", "CY"))
+    r.add_argument("--size", type=int, nargs=2, required=True, metavar=("W", "H"))
+    r.add_argument("--what", choices=("rgb", "depth", "instances"), default="rgb")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_render)
+
+    i = sub.add_parser("info", help="summary of a map file")
+    i.add_argument("map")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``langgs`` command; returns the exit code (2 on a user error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as exc:
+        print(f"[langgs] error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The main-job demo: replay an RGB-D folder into the real mapping node over loopback DDS, then ask it
+language queries through ``/find_object`` and print one JSON line per answer.
+
+    make demo [DATA=<folder>]     (hololens or TUM layout; default ../shared/data/hololens_office)
+
+Two processes: this one (replay publisher + service client) and ``mapping_node`` (started here with the
+``rgbd`` backend, odometry poses and the ``labels`` semantic source when the folder is annotated, else
+``clip_sam``). DDS is confined to loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, the repo's loopback
+Fast DDS profile, a random ``ROS_DOMAIN_ID``) before ``rclpy.init()``.
+
+With annotations, every query is checked against the ground-truth box (grown 10 cm) expressed in the replay's
+z-up ``odom`` frame, and the accuracy is printed last. Without a DATA folder and without the shared data (a
+user's machine), the TUM RGB-D ``fr1_desk`` sample is downloaded (see :func:`fetch_sample`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from langgs_ros.ros.dds_env import configure_loopback_dds  # noqa: E402
+
+TUM_URL = "https://cvg.cit.tum.de/rgbd/dataset/freiburg1/rgbd_dataset_freiburg1_desk.tgz"
+
+
+def fetch_sample(dest: Path) -> Path:
+    """Download and unpack TUM RGB-D fr1_desk (about 330 MB) into ``dest``; returns the sequence folder.
+
+    Raises:
+        RuntimeError: the download failed (no network, proxy, ...) with a message saying what to do instead.
+    """
+    folder = dest / "rgbd_dataset_freiburg1_desk"
+    if (folder / "rgb.txt").is_file():
+        return folder
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "fr1_desk.tgz"
+    print(f"[demo] downloading {TUM_URL} ...", flush=True)
+    try:
+        urllib.request.urlretrieve(TUM_URL, archive)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except Exception as exc:
+        raise RuntimeError(f"could not download the TUM sample ({exc}); run `make demo DATA=<rgbd folder>` "
+                           "with a local hololens- or TUM-layout folder instead") from exc
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", nargs="?", default="", help="RGB-D folder (hololens or TUM layout)")
+    ap.add_argument("--rate", type=float, default=4.0, help="replay frames per second")
+    ap.add_argument("--frames", default="", help="python slice start:stop:step of frames to replay")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timeout", type=float, default=900.0, help="s to wait for the node to finish mapping")
+    args = ap.parse_args(argv)
+
+    data = Path(args.data) if args.data else ROOT.parent / "shared" / "data" / "hololens_office"
+    if not args.data and not data.is_dir():
+        data = fetch_sample(ROOT / "build" / "demo_data")
+    configure_loopback_dds(random.randint(1, 100))
+
+    import numpy as np
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    from langgs_ros.datasets import open_sequence
+    from langgs_ros.ros.replay import FolderReplay, gravity_alignment
+    from langgs_ros.srv import FindObject
+
+    seq = open_sequence(data)
+    for line in seq.report:
+        print(f"[demo] {line}", flush=True)
+    annotated = bool(seq.objects) and any(p is not None for p in seq.label_paths)
+    semantic = "labels" if annotated else "clip_sam"
+    params = {
+        "backend": "rgbd", "semantic_source": semantic, "pose_source": "odometry", "device": args.device,
+        "window_period": 2.0, "queue.max_frames": 500, "queue.max_windows": 100, "publish.gaussians_period": 1.0,
+    }
+    if annotated:
+        params["label_names_file"] = str(seq.root / "annotations" / "objects.json")
+    cmd = [sys.executable, "-m", "langgs_ros.ros.mapping_node", "--ros-args"]
+    for k, v in params.items():
+        cmd += ["-p", f"{k}:={v}"]
+    log_path = ROOT / "build" / "demo_node.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] starting mapping_node ({semantic} semantics, rgbd backend); log: {log_path}", flush=True)
+    node_proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT, start_new_session=True)
+    rclpy.init()
+    executor = SingleThreadedExecutor()
+    replay = FolderReplay(seq)
+    client_node = Node("langgs_demo_client")
+    executor.add_node(replay)
+    executor.add_node(client_node)
+    diag: dict[str, str] = {}
+
+    def on_diag(msg: DiagnosticArray) -> None:
+        for st in msg.status:
+            if st.name.endswith("mapping"):
+                diag.clear()
+                diag.update({kv.key: kv.value for kv in st.values})
+
+    client_node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    ok = 0
+    total = 0
+    try:
+        client = client_node.create_client(FindObject, "/find_object")
+        if not client.wait_for_service(timeout_sec=120):
+            raise RuntimeError(f"mapping_node did not come up; see {log_path}")
+        while replay.pub_image.get_subscription_count() == 0:
+            time.sleep(0.1)
+        indices = list(range(len(seq)))
+        if args.frames:
+            indices = indices[slice(*[int(p) if p else None for p in args.frames.split(":")])]
+        t0 = time.monotonic()
+        n = replay.run(rate=args.rate, indices=indices)
+        print(f"[demo] replayed {n} frames in {time.monotonic() - t0:.1f} s; waiting for the map ...", flush=True)
+        deadline = time.monotonic() + args.timeout
+        stable = 0
+        last = None
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            state = (diag.get("queued_frames"), diag.get("queued_windows"), diag.get("processed_windows"),
+                     diag.get("map_version"))
+            idle = diag.get("queued_frames") == "0" and diag.get("queued_windows") == "0"
+            stable = stable + 1 if (idle and state == last) else 0
+            last = state
+            if stable >= 4:  # idle and unchanged for 4 s (longer than window_period)
+                break
+        print(f"[demo] map: {diag.get('map_gaussians')} Gaussians, {diag.get('map_instances')} instances, "
+              f"{diag.get('processed_windows')} windows, dropped windows {diag.get('dropped_windows')}", flush=True)
+
+        queries: list[tuple[str, object]] = []
+        if annotated:
+            for obj in seq.objects:
+                for text in [obj.name, *obj.synonyms[:2]]:
+                    queries.append((text, obj))
+        else:
+            queries = [(t, None) for t in ("chair", "keyboard", "monitor", "cup", "book")]
+        odom_from_world = gravity_alignment(seq.up)
+        for text, obj in queries:
+            future = client.call_async(FindObject.Request(query=text, max_results=3))
+            while not future.done():
+                time.sleep(0.01)
+            resp = future.result()
+            objs = [{"id": o.instance_id, "name": o.label, "score": round(o.score, 4),
+                     "center": [round(o.pose.pose.position.x, 4), round(o.pose.pose.position.y, 4),
+                                round(o.pose.pose.position.z, 4)],
+                     "size": [round(o.size.x, 4), round(o.size.y, 4), round(o.size.z, 4)],
+                     "yaw": round(2.0 * float(np.arctan2(o.pose.pose.orientation.z, o.pose.pose.orientation.w)), 4),
+                     "num_gaussians": o.num_gaussians} for o in resp.objects]
+            line = {"query": text, "objects": objs}
+            if not resp.success:
+                line["error"] = resp.message
+            if obj is not None:
+                total += 1
+                hit = False
+                if objs:
+                    c_odom = np.array([*objs[0]["center"], 1.0])
+                    c_world = np.linalg.inv(odom_from_world) @ c_odom
+                    hit = obj.contains(c_world[:3], margin=0.10)
+                ok += hit
+                line["inside_ground_truth_box"] = hit
+            print(json.dumps(line), flush=True)
+        if total:
+            print(f"[demo] top-1 inside the ground-truth box (+10 cm): {ok}/{total} = {100.0 * ok / total:.1f} %",
+                  flush=True)
+    finally:
+        executor.shutdown()
+        spin.join(timeout=10)
+        replay.destroy_node()
+        client_node.destroy_node()
+        rclpy.shutdown()
+        node_proc.send_signal(2)
+        try:
+            node_proc.wait(20)
+        except subprocess.TimeoutExpired:
+            node_proc.kill()
+    return 0 if total == 0 or ok == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

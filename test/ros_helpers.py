@@ -1,0 +1,69 @@
+"""Helpers for ROS tests: start the real mapping node in its own process and call its services over DDS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_node_process(params: dict[str, Any], node_name: str = "mapping_node", log_path: Path | None = None,
+                       remaps: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m langgs_ros.ros.mapping_node`` with ``-p name:=value`` parameters in a new process.
+
+    The process inherits this process's environment, which the test fixtures set to loopback-only DDS and the
+    test's own ROS_DOMAIN_ID.
+    """
+    args = [sys.executable, "-m", "langgs_ros.ros.mapping_node", "--ros-args", "-r", f"__node:={node_name}"]
+    for k, v in params.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, list | tuple):
+            v = "[" + ",".join(str(x) for x in v) + "]"
+        args += ["-p", f"{k}:={v}"]
+    for a, b in (remaps or {}).items():
+        args += ["-r", f"{a}:={b}"]
+    out = open(log_path, "w") if log_path is not None else subprocess.DEVNULL
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                            start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+    """Send ``sig`` (SIGINT: clean ROS shutdown) and wait; SIGKILL after ``timeout`` s. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def call_service(node, srv_type, name: str, request, timeout: float = 60.0):
+    """Call a service from ``node`` (spun by a background executor) and return the response.
+
+    Raises:
+        TimeoutError: the service did not appear or answer within ``timeout`` seconds.
+    """
+    client = node.create_client(srv_type, name)
+    try:
+        deadline = time.monotonic() + timeout
+        while not client.wait_for_service(timeout_sec=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service {name} not available after {timeout} s")
+        future = client.call_async(request)
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service {name} did not answer within {timeout} s")
+            time.sleep(0.01)
+        return future.result()
+    finally:
+        node.destroy_client(client)
