@@ -1,0 +1,160 @@
+"""Benchmark of the geometric/semantic core: sparsify + fuse rate, memory per Gaussian, query latency.
+
+Usage::
+
+    .venv/bin/python bench/bench_core.py [--frames 16] [--window 8] [--repeats 3] [--threads N] [--device cpu]
+
+Measures on real frames of ``../shared/data/hololens_office`` (ground-truth depth, poses and label images as an
+oracle segmentation with one-hot embeddings):
+
+- input rate of :meth:`SemanticGaussianMap.integrate` (hierarchical sparsification + association + map merge +
+  instance/box/floor updates) in pixel Gaussians per second, first pass (new area) and revisit pass;
+  pixel-Gaussian construction (:func:`gaussians_from_depth`) is timed separately and not included;
+- bytes per stored map Gaussian vs the 248 B of 3DGS (float32, SH degree 3), plus the runtime bytes;
+- embeddings per Gaussian (instances / Gaussians; FLEG reports ~5 %);
+- the map size vs the per-pixel representation;
+- LERF scoring latency (:meth:`QueryEngine.scores`) for 1k and 10k instances with D = 512 random unit
+  embeddings and cached text embeddings, and one end-to-end :meth:`QueryEngine.query` on the real map.
+
+The best of ``--repeats`` timings is reported (the machine may be shared), with the median in brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "test"))
+
+from _core_fixtures import HOLOLENS, FixedTextEncoder, hololens_meta, label_segmentation, load_hololens  # noqa: E402
+
+from langgs_ros.fusion import SemanticGaussianMap  # noqa: E402
+from langgs_ros.gaussians import gaussians_from_depth  # noqa: E402
+from langgs_ros.query import QueryEngine  # noqa: E402
+from langgs_ros.types import Gaussians, InstanceTable, MapSnapshot  # noqa: E402
+
+GS3D_BYTES = 248  # 3DGS: xyz, normal, f_dc(3) + f_rest(45), opacity, scale(3), rot(4) as float32 = 62 floats
+
+
+def _fuse(m: SemanticGaussianMap, frames, segs, gs, window: int) -> float:
+    t = 0.0
+    for s in range(0, len(gs), window):
+        t0 = time.perf_counter()
+        m.integrate(gs[s:s + window], segs[s:s + window], np.stack([f.pose for f in frames[s:s + window]]), float(s))
+        t += time.perf_counter() - t0
+    return t
+
+
+def _lat(fn, n: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if not HOLOLENS.is_dir():
+        sys.exit(f"shared data not found at {HOLOLENS}")
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+
+    meta = hololens_meta()
+    n_lab = len(meta["objects"])
+    names = {o["id"]: o["name"] for o in meta["objects"]}
+    frames = load_hololens(range(args.frames))
+    segs = [label_segmentation(f.labels, n_lab, names) for f in frames]
+    t0 = time.perf_counter()
+    gs = [gaussians_from_depth(f.depth, f.rgb, f.K, f.pose, instance_ids=s.instance_ids, device=dev)
+          for f, s in zip(frames, segs)]
+    t_init = time.perf_counter() - t0
+    n_in = sum(len(g) for g in gs)
+    n_pix = sum(f.depth.size for f in frames)
+
+    first, second, maps = [], [], []
+    for _ in range(args.repeats):
+        m = SemanticGaussianMap("onehot", n_lab, up=meta["up"], device=dev)
+        first.append(_fuse(m, frames, segs, gs, args.window))
+        n1 = m.num_gaussians
+        second.append(_fuse(m, frames, segs, gs, args.window))
+        maps.append((m, n1))
+    m, n1 = maps[-1]
+    snap = m.snapshot()
+    mem = m.memory_bytes()
+
+    # Query scoring latency with random unit embeddings (D = 512, text cached).
+    D = 512
+    g = torch.Generator().manual_seed(0)
+    vocab = ["a red mug", "object", "things", "stuff", "texture"]
+    enc = FixedTextEncoder({t: torch.randn(D, generator=g) for t in vocab})
+    qe = QueryEngine(enc)
+    lat = {}
+    for K in (1000, 10000):
+        emb = torch.nn.functional.normalize(torch.randn(K, D, generator=g), dim=1)
+        table = InstanceTable(ids=np.arange(K, dtype=np.int32), embeddings=emb, names=[None] * K,
+                              centers=np.zeros((K, 3)), sizes=np.ones((K, 3)), yaws=np.zeros(K),
+                              num_gaussians=np.ones(K, np.int64), observations=np.ones(K))
+        s = MapSnapshot(gaussians=Gaussians.empty(), instances=table, encoder_id="fixed")
+        lat[K] = _lat(lambda s=s: qe.scores(s, "a red mug"), 200)
+    # End-to-end query on the real map (scores + boxes + approach poses for the top 5).
+    onehot = {names[i]: torch.eye(n_lab)[i - 1] for i in names}
+    for c in ("object", "things", "stuff", "texture"):
+        onehot[c] = torch.full((n_lab,), 1.0)
+    qe_real = QueryEngine(FixedTextEncoder(onehot, "onehot"))
+    e2e = _lat(lambda: qe_real.query(snap, "sofa"), 20)
+
+    def best(xs: list[float]) -> str:
+        return f"{min(xs):.3f} s [{statistics.median(xs):.3f}]"
+
+    rate1 = n_in / min(first)
+    rate2 = n_in / min(second)
+    rows = [
+        ("pixel Gaussians (input)", f"{n_in:,} from {args.frames} frames ({n_pix:,} pixels)", "", ""),
+        ("gaussians_from_depth", f"{t_init:.3f} s = {n_in / t_init / 1e6:.2f} M/s", "(not in fuse rate)", ""),
+        ("integrate, new area", best(first) + f" = {rate1 / 1e6:.2f} M/s", ">= 1 M/s", f"{rate1 / 1e6:.2f}x"),
+        ("integrate, revisit", best(second) + f" = {rate2 / 1e6:.2f} M/s", ">= 1 M/s", f"{rate2 / 1e6:.2f}x"),
+        ("map Gaussians after 1 / 2 passes", f"{n1:,} / {m.num_gaussians:,} "
+         f"(+{100 * (m.num_gaussians - n1) / max(n1, 1):.1f} %)", "< +5 %", ""),
+        ("pixels per map Gaussian", f"{n_pix / m.num_gaussians:.1f}", ">= 20", f"{n_pix / m.num_gaussians / 20:.1f}x"),
+        ("bytes per stored Gaussian",
+         f"{mem['stored_per_gaussian']:.0f} B (runtime {mem['runtime_per_gaussian']:.0f} B)",
+         f"<= 64 B (3DGS {GS3D_BYTES} B)", f"{GS3D_BYTES / mem['stored_per_gaussian']:.2f}x smaller than 3DGS"),
+        ("embeddings per Gaussian", f"{m.num_instances} / {m.num_gaussians:,} = "
+         f"{100 * m.num_instances / max(m.num_gaussians, 1):.3f} %", "<= 1 % (FLEG ~5 %)", ""),
+        ("query scoring, 1k instances", f"{1e3 * min(lat[1000]):.3f} ms [{1e3 * statistics.median(lat[1000]):.3f}]",
+         "<= 2 ms", ""),
+        ("query scoring, 10k instances", f"{1e3 * min(lat[10000]):.3f} ms [{1e3 * statistics.median(lat[10000]):.3f}]",
+         "<= 2 ms", f"{2e-3 / statistics.median(lat[10000]):.1f}x headroom"),
+        ("query end-to-end (real map, top 5)", f"{1e3 * min(e2e):.2f} ms [{1e3 * statistics.median(e2e):.2f}]", "", ""),
+    ]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    hdr = ("metric", "measured (best [median])", "target", "ratio")
+    w = [max(a, len(b)) for a, b in zip(w, hdr)]
+    print(" | ".join(h.ljust(x) for h, x in zip(hdr, w)))
+    print("-+-".join("-" * x for x in w))
+    for r in rows:
+        print(" | ".join(c.ljust(x) for c, x in zip(r, w)))
+    print(f"instances: {m.num_instances}, floor height {snap.floor_height:.3f} m "
+          f"(annotated {-meta['floor_plane']['offset']:.3f} m)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Geometry–semantic hierarchical sparsification (FLEG, Tian et al., arXiv 2512.17541, "geometry-semantic
+hierarchical sparsification").
+
+FLEG reduces dense per-pixel Gaussians by merging them coarsely where geometry allows (far away, where the pixel
+footprint is large anyway) and never across semantic (instance) boundaries. Here that strategy is made explicit
+and deterministic so it can also serve as the key of an incremental map:
+
+- **Geometry level** (coarse-to-fine hierarchy): a Gaussian seen at distance ``d`` from its camera is assigned
+  the octree level ``ℓ = clamp(floor(log2(d / d0)), 0, max_level)`` for ``d > d0`` (else 0), i.e. the voxel
+  edge ``base_voxel_size · 2^ℓ`` grows proportionally to distance (like the pixel footprint), quantised to
+  powers of two so voxels of different levels nest and keys are identical across windows and frames.
+- **Semantic split**: the merge key is ``(ℓ, voxel ijk at level ℓ, instance id)``; Gaussians of different
+  instances never share a key, so object boundaries are preserved at every level.
+- **Merge** (moment matching, see ``shared/docs/conventions.md``): with weights ``w_i`` = opacity × footprint
+  area (``π s_a s_b`` of the two largest scales; ``g.weights`` when given, so already-merged Gaussians carry
+  their accumulated mass): ``μ = Σ w_i μ_i / Σ w_i``, ``Σ = Σ w_i (Σ_i + (μ_i − μ)(μ_i − μ)ᵀ) / Σ w_i``
+  (two-pass, no cancellation), eigen-decomposed (batched ``torch.linalg.eigh``) back into scales and a proper
+  rotation (det +1, quaternion w ≥ 0). Colours: weighted mean. **Opacity: weighted mean** of the members'
+  opacities — members are samples of the same surface patch (neighbouring pixels, or the same patch seen again),
+  not stacked layers, so ``1 − Π(1 − α_i)`` would saturate to 1 after a few observations of a faint surface;
+  the weighted mean keeps the patch's average confidence/coverage. Singleton keys are passed through unchanged.
+
+Voxels are *centred* on the grid points ``k · edge`` (index ``floor(p / edge + 0.5)``) at every level, so a
+plane at a round coordinate — typically the floor at ``z = 0`` of a robot's ``map`` — lies mid-voxel at all
+levels instead of on a voxel boundary, where sensor noise would split it into two layers of Gaussians. (Levels
+are therefore not nested; nothing relies on nesting: the level is part of the key.)
+
+Keys are 64-bit hashes (splitmix64 finaliser of the packed fields); distinct keys collide with probability
+≈ N²/2⁶⁴ (≈5·10⁻⁸ for a million Gaussians), and voxel indices wrap beyond ±2²⁰ voxels (±21 km at 2 cm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from langgs_ros.geometry import quat_to_rotmat, scales_quats_from_covariance
+from langgs_ros.types import Gaussians
+
+__all__ = [
+    "SparsifyConfig",
+    "SparsifyResult",
+    "cell_keys",
+    "merge_by_inverse",
+    "merge_weights",
+    "occupancy_keys",
+    "sparsify",
+    "sparsify_with_keys",
+    "voxel_keys",
+    "voxel_levels",
+]
+
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_OCC_INST_BITS = 20
+MAX_OCC_INSTANCE = (1 << _OCC_INST_BITS) - 2
+"""Largest map instance id representable in :func:`occupancy_keys`."""
+
+
+@dataclass
+class SparsifyConfig:
+    """Parameters of the hierarchical sparsification.
+
+    Attributes:
+        base_voxel_size: voxel edge at level 0 (near range), metres.
+        growth_start_distance: ``d0``; up to this view distance the level is 0, beyond it the voxel edge grows
+            proportionally to distance (``base · d / d0``), quantised down to a power of two.
+        max_level: coarsest level (voxel edge ``base · 2^max_level``); also the edge of the *cells* used by the
+            map to lock one level per region (see :mod:`langgs_ros.fusion`).
+        min_scale: lower bound on merged standard deviations, metres.
+    """
+
+    base_voxel_size: float = 0.02
+    growth_start_distance: float = 1.0
+    max_level: int = 4
+    min_scale: float = 1e-4
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent settings."""
+        if not (self.base_voxel_size > 0 and self.growth_start_distance > 0):
+            raise ValueError("base_voxel_size and growth_start_distance must be > 0")
+        if not (0 <= self.max_level <= 15):
+            raise ValueError(f"max_level must be in [0, 15], got {self.max_level}")
+        if self.min_scale <= 0:
+            raise ValueError("min_scale must be > 0")
+
+    def voxel_size(self, level: int) -> float:
+        """Voxel edge (m) at ``level``."""
+        return self.base_voxel_size * (2.0 ** level)
+
+    @property
+    def cell_size(self) -> float:
+        """Edge (m) of the coarsest voxels (level ``max_level``)."""
+        return self.voxel_size(self.max_level)
+
+
+@dataclass
+class SparsifyResult:
+    """Output of :func:`sparsify_with_keys`.
+
+    Attributes:
+        gaussians: merged set (M ≤ N), ``weights`` = accumulated merge weight Σw.
+        keys: (M,) int64 merge keys, sorted ascending (unique).
+        levels: (M,) int8 hierarchy level of each merged Gaussian.
+        inverse: (N,) int64 index of the merged Gaussian each input went into.
+    """
+
+    gaussians: Gaussians
+    keys: torch.Tensor
+    levels: torch.Tensor
+    inverse: torch.Tensor
+
+
+def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser (Steele et al. 2014) on int64 with wrap-around arithmetic."""
+    x = (x ^ _lsr(x, 30)) * _M1
+    x = (x ^ _lsr(x, 27)) * _M2
+    return x ^ _lsr(x, 31)
+
+
+def _pack_ijk(ijk: torch.Tensor) -> torch.Tensor:
+    """Pack (N, 3) int64 voxel indices into 63 bits (21 bits per axis, wrapping)."""
+    m = (1 << 21) - 1
+    off = 1 << 20
+    return (((ijk[:, 0] + off) & m) << 42) | (((ijk[:, 1] + off) & m) << 21) | ((ijk[:, 2] + off) & m)
+
+
+def voxel_levels(view_distance: torch.Tensor, config: SparsifyConfig) -> torch.Tensor:
+    """Hierarchy level per Gaussian from its view distance.
+
+    Args:
+        view_distance: (N,) float distance (m) from the observing camera centre.
+
+    Returns:
+        (N,) int8 ``clamp(floor(log2(d / d0)), 0, max_level)`` (0 for ``d <= d0`` or non-finite ``d``).
+    """
+    d = torch.nan_to_num(view_distance.float(), nan=0.0, posinf=0.0) / config.growth_start_distance
+    lvl = torch.floor(torch.log2(d.clamp_min(1.0)))
+    return lvl.clamp(0, config.max_level).to(torch.int8)
+
+
+def _voxel_ijk(means: torch.Tensor, levels: torch.Tensor, config: SparsifyConfig) -> torch.Tensor:
+    size = config.base_voxel_size * torch.pow(2.0, levels.to(torch.float64))
+    return torch.floor(means.to(torch.float64) / size[:, None] + 0.5).to(torch.int64)
+
+
+def voxel_keys(means: torch.Tensor, levels: torch.Tensor, instance_ids: torch.Tensor,
+               config: SparsifyConfig) -> torch.Tensor:
+    """Merge keys ``hash(level, voxel ijk at that level, instance id)``.
+
+    Args:
+        means: (N, 3) float positions, metres. levels: (N,) int levels. instance_ids: (N,) int ids (-1 allowed).
+
+    Returns:
+        (N,) int64 keys (equal iff same level, voxel and instance, up to hash collisions ≈ N²/2⁶⁴).
+    """
+    ijk = _voxel_ijk(means, levels, config)
+    li = (levels.to(torch.int64) << 32) | ((instance_ids.to(torch.int64) + 1) & 0xFFFFFFFF)
+    return _mix64(_pack_ijk(ijk) ^ _mix64(li))
+
+
+def cell_keys(means: torch.Tensor, config: SparsifyConfig) -> torch.Tensor:
+    """Spatial keys of the level-``max_level`` cells containing ``means`` (N, 3) -> (N,) int64."""
+    lv = torch.full((means.shape[0],), config.max_level, dtype=torch.int64, device=means.device)
+    return _mix64(_pack_ijk(_voxel_ijk(means, lv, config)) ^ 0x5BD1E995)
+
+
+def occupancy_keys(means: torch.Tensor, instance_ids: torch.Tensor, voxel_size: float) -> torch.Tensor:
+    """Voxel-major (voxel, instance) keys for overlap tests.
+
+    The top 44 bits are a hash of the voxel of edge ``voxel_size`` containing the point, the low 20 bits the
+    instance id; so in a sorted array all instances occupying one voxel ``v`` are contiguous in
+    ``[v_key, v_key + 2^20)`` (see :func:`occupancy_voxel_part`). Voxel-hash collisions (≈ V²/2⁴⁴) only merge
+    two voxels' occupancy, a negligible bias for overlap ratios.
+
+    Args:
+        means: (N, 3) positions, metres. instance_ids: (N,) ids in ``[0, MAX_OCC_INSTANCE]``.
+        voxel_size: voxel edge, metres.
+
+    Returns:
+        (N,) int64 keys.
+    """
+    ijk = torch.floor(means.to(torch.float64) / voxel_size + 0.5).to(torch.int64)
+    hv = _mix64(_pack_ijk(ijk) ^ 0x27D4EB2F)
+    low = (1 << _OCC_INST_BITS) - 1
+    return (hv & ~low) | (instance_ids.to(torch.int64) & low)
+
+
+def occupancy_voxel_part(keys: torch.Tensor) -> torch.Tensor:
+    """Voxel part of :func:`occupancy_keys` (low 20 bits cleared)."""
+    return keys & ~((1 << _OCC_INST_BITS) - 1)
+
+
+def occupancy_instance_part(keys: torch.Tensor) -> torch.Tensor:
+    """Instance part (int64) of :func:`occupancy_keys`."""
+    return keys & ((1 << _OCC_INST_BITS) - 1)
+
+
+def merge_weights(g: Gaussians) -> torch.Tensor:
+    """Merge weight per Gaussian: ``g.weights`` if present, else opacity × footprint area.
+
+    Footprint area = ``π s_a s_b`` of the two largest standard deviations (m²). Returns (N,) float32 > 0.
+    """
+    if g.weights is not None:
+        return g.weights.float().clamp_min(1e-20)
+    s = torch.sort(g.scales.float(), dim=1).values
+    return (g.opacities.float() * math.pi * s[:, 1] * s[:, 2]).clamp_min(1e-20)
+
+
+@torch.inference_mode()
+def merge_by_inverse(g: Gaussians, weights: torch.Tensor, inverse: torch.Tensor, num_out: int,
+                     min_scale: float = 1e-4) -> Gaussians:
+    """Moment-matching merge of the Gaussians that share an output index.
+
+    Args:
+        g: N input Gaussians (instance ids must agree within each group; the first member's is kept).
+        weights: (N,) positive merge weights.
+        inverse: (N,) int64 output index in ``[0, num_out)`` of each input; every output index must be used.
+        num_out: M, the number of groups.
+        min_scale: lower bound on merged standard deviations (m).
+
+    Returns:
+        M merged Gaussians with ``weights`` = Σ w per group (float32, on ``g``'s device).
+    """
+    dev = g.means.device
+    N = len(g)
+    w = weights.to(torch.float32)
+    counts = torch.bincount(inverse, minlength=num_out)
+    W = torch.zeros(num_out, device=dev).index_add_(0, inverse, w)
+    wn = w / W[inverse]
+    mu = torch.zeros(num_out, 3, device=dev).index_add_(0, inverse, g.means * wn[:, None])
+    colors = torch.zeros(num_out, 3, device=dev).index_add_(0, inverse, g.colors * wn[:, None])
+    opac = torch.zeros(num_out, device=dev).index_add_(0, inverse, g.opacities * wn)
+    first = torch.full((num_out,), N, dtype=torch.int64, device=dev).scatter_reduce_(
+        0, inverse, torch.arange(N, device=dev), reduce="amin")
+    inst = g.instance_ids[first]
+    scales = g.scales[first].clone()
+    quats = g.quats[first].clone()
+    multi = counts > 1
+    if bool(multi.any()):
+        # Second moments for all inputs (cheaper than masking out singletons); eigh only for groups >= 2.
+        d = g.means - mu[inverse]
+        A = quat_to_rotmat(g.quats) * g.scales[:, :, None].transpose(1, 2)
+        contrib = torch.einsum("nij,nkj->nik", A, A) + d[:, :, None] * d[:, None, :]  # Σ_i + d dᵀ
+        contrib = (contrib * wn[:, None, None]).reshape(-1, 9)
+        idx = multi.nonzero().squeeze(1)
+        cov = torch.zeros(num_out, 9, device=dev).index_add_(0, inverse, contrib)[idx].reshape(-1, 3, 3)
+        s_m, q_m = scales_quats_from_covariance(cov, min_scale=min_scale)
+        scales[idx] = s_m
+        quats[idx] = q_m
+    # Exact means of singletons (no division round-off).
+    single = ~multi
+    mu[single] = g.means[first[single]]
+    return Gaussians(mu, quats, scales, opac.clamp(0.0, 1.0), colors.clamp(0.0, 1.0), inst, weights=W)
+
+
+@torch.inference_mode()
+def sparsify_with_keys(g: Gaussians, levels: torch.Tensor, config: SparsifyConfig) -> SparsifyResult:
+    """Merge Gaussians sharing a ``(level, voxel, instance)`` key (see the module docstring).
+
+    Args:
+        g: N Gaussians (``weights`` used as merge weights when present).
+        levels: (N,) int hierarchy level per Gaussian (e.g. :func:`voxel_levels` of the view distance).
+        config: :class:`SparsifyConfig`.
+
+    Returns:
+        :class:`SparsifyResult` (merged Gaussians sorted by key).
+
+    Raises:
+        ValueError: ``levels`` has the wrong length or a level outside ``[0, max_level]``.
+    """
+    config.validate()
+    N = len(g)
+    if levels.shape != (N,):
+        raise ValueError(f"levels must have shape ({N},), got {tuple(levels.shape)}")
+    dev = g.means.device
+    if N == 0:
+        return SparsifyResult(Gaussians.empty(dev), torch.zeros(0, dtype=torch.int64, device=dev),
+                              torch.zeros(0, dtype=torch.int8, device=dev),
+                              torch.zeros(0, dtype=torch.int64, device=dev))
+    levels = levels.to(dev)
+    if int(levels.min()) < 0 or int(levels.max()) > config.max_level:
+        raise ValueError(f"levels must lie in [0, {config.max_level}]")
+    keys = voxel_keys(g.means, levels, g.instance_ids, config)
+    ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    merged = merge_by_inverse(g, merge_weights(g), inverse, int(ukeys.numel()), config.min_scale)
+    out_levels = torch.zeros(ukeys.numel(), dtype=torch.int8, device=dev).scatter_(0, inverse, levels.to(torch.int8))
+    return SparsifyResult(merged, ukeys, out_levels, inverse)
+
+
+def sparsify(g: Gaussians, view_distance: torch.Tensor, config: SparsifyConfig | None = None, *,
+             levels: torch.Tensor | None = None) -> Gaussians:
+    """FLEG geometry–semantic hierarchical sparsification of one set of Gaussians.
+
+    Args:
+        g: N Gaussians (e.g. one frame's pixel Gaussians), instance ids respected (never merged across).
+        view_distance: (N,) distance (m) of each Gaussian from the camera that observed it; sets the level.
+        config: :class:`SparsifyConfig` (defaults if ``None``).
+        levels: optional (N,) int levels overriding those derived from ``view_distance``.
+
+    Returns:
+        M ≤ N merged Gaussians (sorted by key) with ``weights`` = Σ w (opacity × footprint area, m²).
+
+    Raises:
+        ValueError: ``view_distance`` / ``levels`` of the wrong shape.
+    """
+    cfg = config or SparsifyConfig()
+    if view_distance.shape != (len(g),):
+        raise ValueError(f"view_distance must have shape ({len(g)},), got {tuple(view_distance.shape)}")
+    lv = voxel_levels(view_distance.to(g.means.device), cfg) if levels is None else levels
+    return sparsify_with_keys(g, lv, cfg).gaussians
