@@ -385,7 +385,8 @@ class SemanticGaussianMap:
 
         Args:
             frame_gaussians: S per-frame pixel Gaussians in the map frame, ``instance_ids`` = the frame
-                segmentation's local ids (``-1`` none), e.g. from :func:`~langgs_ros.gaussians.gaussians_from_window`.
+                segmentation's local ids (``-1`` none), e.g. from :func:`~langgs_ros.gaussians.gaussians_from_window`
+                (``weights``, if set, are used as merge weights, e.g. for pre-merged Gaussians).
             segmentations: ``None`` (geometry only, everything background) or S segmentations whose embeddings
                 (K_i, D) give each local id's embedding.
             world_from_camera: (S, 4, 4) camera-to-map poses of the frames (camera centres are recorded and set
@@ -396,8 +397,8 @@ class SemanticGaussianMap:
             :class:`IntegrationStats`.
 
         Raises:
-            ValueError: length mismatches, embedding dimension ≠ D, local ids outside ``[-1, K_i)`` or non-finite
-                poses. The map is unchanged when this is raised.
+            ValueError: length mismatches, embedding dimension ≠ D, local ids outside ``[-1, K_i)``, inconsistent
+                or non-finite Gaussians, or non-finite poses. The map is unchanged when this is raised.
         """
         t0 = time.perf_counter()
         S = len(frame_gaussians)
@@ -421,6 +422,13 @@ class SemanticGaussianMap:
                     raise ValueError(f"frame {i}: instance id {int(g.instance_ids.max())} >= K = {seg.num_instances}")
             if len(g) and int(g.instance_ids.min()) < NO_INSTANCE:
                 raise ValueError(f"frame {i}: instance ids must be >= -1")
+            n = len(g)
+            if (g.quats.shape != (n, 4) or g.scales.shape != (n, 3) or g.opacities.shape != (n,)
+                    or g.colors.shape != (n, 3) or g.instance_ids.shape != (n,)):
+                raise ValueError(f"frame {i}: inconsistent Gaussian tensor shapes")
+            if n and not bool(torch.isfinite(g.means).all() & torch.isfinite(g.scales).all()
+                              & torch.isfinite(g.quats).all()):
+                raise ValueError(f"frame {i}: non-finite Gaussian means/scales/quats")
         stats = IntegrationStats(frames=S)
         with self._lock:
             touched: set[int] = set()
@@ -436,8 +444,7 @@ class SemanticGaussianMap:
                 g = self._associate_and_relabel(g, seg, stats, touched)
                 dist = (g.means - torch.as_tensor(cam, dtype=torch.float32, device=self.device)).norm(dim=1)
                 levels = self._levels_for(g.means, dist)
-                res = sparsify_with_keys(Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors,
-                                                   g.instance_ids), levels, self.sparsify_config)
+                res = sparsify_with_keys(g, levels, self.sparsify_config)
                 stats.sparsified_gaussians += len(res.gaussians)
                 ins, mer = self._insert(res.gaussians, res.keys, res.levels)
                 stats.inserted_gaussians += ins
@@ -485,7 +492,7 @@ class SemanticGaussianMap:
         local = g.instance_ids.to(torch.int64)
         if K == 0:
             return Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors,
-                             torch.full_like(g.instance_ids, NO_INSTANCE))
+                             torch.full_like(g.instance_ids, NO_INSTANCE), g.weights)
         counts = torch.bincount(local[local >= 0], minlength=K)
         eligible = counts >= cfg.min_segment_points
         to_map = torch.full((K + 1,), NO_INSTANCE, dtype=torch.int64, device=dev)  # index = local + 1
@@ -542,7 +549,7 @@ class SemanticGaussianMap:
                 touched.add(inst.id)
                 to_map[k + 1] = inst.id
         new_ids = to_map[local + 1].to(torch.int32)
-        return Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors, new_ids)
+        return Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors, new_ids, g.weights)
 
     def _add_occupancy(self, means: torch.Tensor, inst: torch.Tensor) -> None:
         sel = inst >= 0

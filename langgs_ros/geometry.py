@@ -266,17 +266,16 @@ def fit_gravity_aligned_box(
     if trim_percent > 0 and p.shape[0] >= 10:
         zlo, zhi = np.percentile(z, [trim_percent, 100 - trim_percent])
         mean = xy.mean(0)
-        cov = np.cov((xy - mean).T) if xy.shape[0] > 2 else np.eye(2)
-        _, vecs = np.linalg.eigh(cov + 1e-12 * np.eye(2))
+        _, vecs = np.linalg.eigh(np.cov((xy - mean).T) + 1e-12 * np.eye(2))
         ab = (xy - mean) @ vecs
         lo = np.percentile(ab, trim_percent, axis=0)
         hi = np.percentile(ab, 100 - trim_percent, axis=0)
         keep_xy = np.all((ab >= lo) & (ab <= hi), axis=1)
         if keep_xy.sum() >= 3:
             xy = xy[keep_xy]
-        else:
-            keep_xy = np.ones(len(z), bool)
-        z = z[(z >= zlo) & (z <= zhi)] if np.any((z >= zlo) & (z <= zhi)) else z
+        keep_z = (z >= zlo) & (z <= zhi)
+        if keep_z.any():
+            z = z[keep_z]
     c2, s2, yaw = _min_area_rectangle(xy)
     zmin, zmax = float(z.min()), float(z.max())
     center = c2[0] * e1 + c2[1] * e2 + 0.5 * (zmin + zmax) * u

@@ -17,6 +17,17 @@ from langgs_ros.query import QueryConfig, QueryEngine
 from langgs_ros.sparsify import SparsifyConfig
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread():
+    """Run this module's tensor work on one intra-op thread: results do not depend on it, and on a shared 2-core
+    machine OpenMP spinning under contention makes multi-threaded small ops many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Synthetic ray-cast scenes (z up, floor at z = 0)
 # ------------------------------------------------------------------------------------------------------------
@@ -196,6 +207,10 @@ def test_bad_input_leaves_map_unchanged() -> None:
         m.integrate([g], [seg], np.full((1, 4, 4), np.nan), 0.0)
     with pytest.raises(ValueError, match="segmentations"):
         m.integrate([g], [seg, seg], T, 0.0)
+    bad = g.select(torch.arange(len(g)))
+    bad.means[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite Gaussian"):
+        m.integrate([bad], [seg], T, 0.0)
     assert m.num_gaussians == n and m.version == v
     with pytest.raises(ValueError):
         SemanticGaussianMap("x", 0)
@@ -270,12 +285,19 @@ def _fuse(m: SemanticGaussianMap, frames, segs, gs) -> None:
         m.integrate(gs[s:s + 8], segs[s:s + 8], np.stack([f.pose for f in frames[s:s + 8]]), float(s))
 
 
-def test_real_frames_twice_do_not_grow_map_or_duplicate_instances(hololens_16) -> None:
+@pytest.fixture(scope="module")
+def hololens_fused(hololens_16):
+    """The 16 frames fused once (windows of 8): (map, count, snapshot after the pass)."""
     meta, frames, segs, gs = hololens_16
     m = SemanticGaussianMap("onehot", len(meta["objects"]), up=meta["up"])
     _fuse(m, frames, segs, gs)
-    n1, k1 = m.num_gaussians, m.num_instances
-    snap1 = m.snapshot()
+    return m, m.num_gaussians, m.snapshot()
+
+
+def test_real_frames_twice_do_not_grow_map_or_duplicate_instances(hololens_16, hololens_fused) -> None:
+    meta, frames, segs, gs = hololens_16
+    m, n1, snap1 = hololens_fused
+    k1 = len(snap1.instances)
     _fuse(m, frames, segs, gs)
     n2, k2 = m.num_gaussians, m.num_instances
     assert n2 < 1.05 * n1, (n1, n2)
@@ -294,11 +316,9 @@ def test_real_frames_twice_do_not_grow_map_or_duplicate_instances(hololens_16) -
     assert snap1.floor_height == pytest.approx(-meta["floor_plane"]["offset"], abs=0.03)
 
 
-def test_real_instance_boxes_match_ground_truth(hololens_16) -> None:
-    meta, frames, segs, gs = hololens_16
-    m = SemanticGaussianMap("onehot", len(meta["objects"]), up=meta["up"])
-    _fuse(m, frames, segs, gs)
-    snap = m.snapshot()
+def test_real_instance_boxes_match_ground_truth(hololens_16, hololens_fused) -> None:
+    meta = hololens_16[0]
+    snap = hololens_fused[2]
     eng = QueryEngine.__new__(QueryEngine)
     eng.config = QueryConfig()
     boxes = eng._boxes(snap, [int(i) for i in snap.instances.ids])
