@@ -19,6 +19,7 @@ with a small architecture override (:data:`TINY_CLIP_CFG`).
 
 from __future__ import annotations
 
+import logging
 import os
 from copy import deepcopy
 from functools import partial
@@ -335,9 +336,17 @@ def build_tiny_clip(device: str | torch.device = "cpu", seed: int = 0,
 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"tiny CLIP checkpoint not found: {checkpoint}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(TINY_CLIP_BASE, pretrained=None if checkpoint is None else str(checkpoint),
-                                       device="cpu", **deepcopy(TINY_CLIP_CFG))
+    def expected_random_init(record: logging.LogRecord) -> bool:  # random init is the point of this preset
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(expected_random_init)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(TINY_CLIP_BASE, pretrained=None if checkpoint is None else str(checkpoint),
+                                           device="cpu", **deepcopy(TINY_CLIP_CFG))
+    finally:
+        root.removeFilter(expected_random_init)
     model = model.to(torch.device(device)).eval()
     return model, open_clip.get_tokenizer(TINY_CLIP_BASE)

@@ -174,7 +174,18 @@ def _load_minilm(device: str) -> Any:
             from sentence_transformers import SentenceTransformer
 
             path = minilm_model_path()
-            model = SentenceTransformer(str(path), device=device, local_files_only=True)
+            try:  # no "Loading weights" progress bar for a local 90 MB file (restored afterwards)
+                from transformers.utils import logging as hf_logging
+
+                bar_was_on = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()
+            except ImportError:
+                hf_logging, bar_was_on = None, False
+            try:
+                model = SentenceTransformer(str(path), device=device, local_files_only=True)
+            finally:
+                if hf_logging is not None and bar_was_on:
+                    hf_logging.enable_progress_bar()
             model.eval()
             _MINILM_MODELS[device] = model
         return model
