@@ -12,9 +12,10 @@ Pipeline per frame (:meth:`SemanticGaussianMap.integrate`):
 2. **Relabelling** of the frame's Gaussians from segment-local ids to map instance ids (-1 stays -1).
 3. **Hierarchical sparsification** (FLEG, arXiv 2512.17541): the level from the distance to this frame's
    camera (:mod:`langgs_ros.sparsify`), with one level *locked per cell* (the level-``max_level`` voxel): a
-   cell keeps the finest level it was ever observed at. Observing a region again from farther away therefore
-   reuses its fine keys (no duplicate coarse copy), and observing it from closer refines it, re-keying the
-   cell's coarser map Gaussians at the new level (they merge into the fine voxels containing their means).
+   cell keeps the level of its first observation; observing a region again from farther away reuses its fine
+   keys (no duplicate coarse copy), and observing it from (``refine_min_levels``) levels closer refines it,
+   re-keying the cell's coarser map Gaussians at the new level (they merge into the fine voxels containing
+   their means).
 4. **Map merge**: the map is a hash of Gaussians keyed like :func:`~langgs_ros.sparsify.voxel_keys`; a merged
    frame Gaussian whose key exists is moment-matched into the map Gaussian (weights = accumulated Σw, so the
    result equals merging all original observations at once); new keys are inserted. Re-observing an area
@@ -103,6 +104,11 @@ class FusionConfig:
             fraction of the heaviest bin's mass.
         nominal_camera_height: camera height above the floor (m) used when no floor is visible; ``None`` = use
             the lowest map heights instead.
+        refine_min_levels: a cell locked at level ``ℓ`` is refined (re-keyed at the finer level) only when it is
+            observed at level ``ℓ − refine_min_levels`` or finer. 1 = always keep the finest level seen (most
+            detail, but re-observing refined areas from afar adds the fine voxels the first coarse pass did not
+            cover: +8 % on 16 hololens frames seen twice, then stable); 2 (default) refines only on 4x finer
+            views (+2 %); a large value never refines (+0 %, regions stay as coarse as first seen).
     """
 
     assoc_voxel_size: float = 0.05
@@ -136,6 +142,8 @@ class FusionConfig:
             raise ValueError("eviction_half_life must be > 0 and min_segment_points >= 1")
         if not (0 <= self.box_trim_percent < 50):
             raise ValueError("box_trim_percent must be in [0, 50)")
+        if self.refine_min_levels < 1:
+            raise ValueError("refine_min_levels must be >= 1")
 
 
 @dataclass
@@ -564,16 +572,16 @@ class SemanticGaussianMap:
     def _levels_for(self, means: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         """Per-Gaussian level: the finest of the requested (distance) level and the cell's locked level."""
         cfg = self.sparsify_config
-        req = voxel_levels(dist, cfg)
+        req = voxel_levels(dist, cfg).to(torch.int32)  # int32: scatter min is not atomic-safe for int8 on GPUs
         ck = cell_keys(means, cfg)
         uc, inv = torch.unique(ck, return_inverse=True)
-        req_c = torch.full((uc.numel(),), cfg.max_level, dtype=torch.int8, device=self.device)
-        req_c = req_c.scatter_reduce(0, inv, req, reduce="amin")
+        req_c = torch.full((uc.numel(),), cfg.max_level, dtype=torch.int32, device=self.device)
+        req_c = req_c.scatter_reduce(0, inv, req, reduce="amin").to(torch.int8)
         pos, hit = _lookup(self._cells, uc)
         final = req_c.clone()
         if bool(hit.any()):
             locked = self._cell_levels[pos[hit]]
-            refine = req_c[hit] <= locked.to(torch.int16) - self.config.refine_min_levels
+            refine = req_c[hit].to(torch.int16) <= locked.to(torch.int16) - self.config.refine_min_levels
             final[hit] = torch.where(refine, req_c[hit], locked)
             if bool(refine.any()):
                 hp = pos[hit][refine]
@@ -912,8 +920,8 @@ class SemanticGaussianMap:
                     lv = lv.clamp(0, cfg.max_level).to(torch.int8)
                 ck = cell_keys(g.means, cfg)
                 uc, inv = torch.unique(ck, return_inverse=True)
-                cl = torch.full((uc.numel(),), cfg.max_level, dtype=torch.int8, device=m.device)
-                cl = cl.scatter_reduce(0, inv, lv, reduce="amin")
+                cl = torch.full((uc.numel(),), cfg.max_level, dtype=torch.int32, device=m.device)
+                cl = cl.scatter_reduce(0, inv, lv.to(torch.int32), reduce="amin").to(torch.int8)
                 m._cells, m._cell_levels = uc, cl
                 lv = cl[inv]
                 keys = voxel_keys(g.means, lv, g.instance_ids, cfg)

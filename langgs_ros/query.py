@@ -30,11 +30,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from langgs_ros.geometry import fit_gravity_aligned_box, heading_yaw, normalize_up, rotation_from_yaw
+from langgs_ros.geometry import GravityBox, fit_gravity_aligned_box, heading_yaw, normalize_up, rotation_from_yaw
 from langgs_ros.semantics.base import TextEncoder
 from langgs_ros.types import MapSnapshot
 
-__all__ = ["ObjectResult", "QueryConfig", "QueryEngine", "approach_pose", "lerf_relevancy", "to_json_dict"]
+__all__ = [
+    "ObjectResult",
+    "QueryConfig",
+    "QueryEngine",
+    "approach_pose",
+    "instance_boxes",
+    "lerf_relevancy",
+    "to_json_dict",
+]
 
 
 @dataclass
@@ -266,7 +274,7 @@ class QueryEngine:
         if not rows:
             return []
         ids = [int(inst.ids[r]) for r in rows]
-        boxes = self._boxes(snapshot, ids)
+        boxes = instance_boxes(snapshot, ids, self.config.box_trim_percent)
         up = normalize_up(snapshot.up)
         out = []
         for r, iid in zip(rows, ids):
@@ -285,26 +293,42 @@ class QueryEngine:
                 centroid=np.asarray(inst.centers[r], np.float64).copy()))
         return out
 
-    def _boxes(self, snapshot: MapSnapshot, ids: list[int]) -> dict:
-        """Gravity-aligned boxes (same fit as the map) of the given instances from the snapshot's Gaussians."""
-        g = snapshot.gaussians
-        if len(g) == 0:
-            return {}
-        inst = g.instance_ids
-        sel = torch.isin(inst, torch.tensor(ids, dtype=inst.dtype))
-        rows = sel.nonzero().squeeze(1)
-        sub = inst[rows]
-        order = torch.argsort(sub, stable=True)
-        rows, sub = rows[order], sub[order]
-        uniq, counts = torch.unique_consecutive(sub, return_counts=True)
-        means = g.means[rows].double().numpy()
-        out = {}
-        start = 0
-        for iid, n in zip(uniq.tolist(), counts.tolist()):
-            out[int(iid)] = fit_gravity_aligned_box(means[start:start + n], snapshot.up,
-                                                    self.config.box_trim_percent)
-            start += n
-        return out
+
+def instance_boxes(snapshot: MapSnapshot, ids: Sequence[int] | None = None,
+                   trim_percent: float = 2.0) -> dict[int, GravityBox]:
+    """Gravity-aligned boxes of map instances fitted to their Gaussians' means.
+
+    Same robust fit as the map's (:func:`langgs_ros.geometry.fit_gravity_aligned_box`); use it for box centres:
+    ``InstanceTable.centers`` holds opacity-weighted centroids, which differ from box centres for objects
+    seen from one side.
+
+    Args:
+        snapshot: the map. ids: instance ids (default: all in the table). trim_percent: percentile trimming.
+
+    Returns:
+        ``{instance id: GravityBox}`` for the ids that have Gaussians (centre, size, yaw about
+        ``snapshot.up``, world-from-box rotation).
+    """
+    g = snapshot.gaussians
+    want = [int(i) for i in (snapshot.instances.ids if ids is None else ids)]
+    if len(g) == 0 or not want:
+        return {}
+    inst = g.instance_ids
+    sel = torch.isin(inst, torch.tensor(want, dtype=inst.dtype))
+    rows = sel.nonzero().squeeze(1)
+    sub = inst[rows]
+    order = torch.argsort(sub, stable=True)
+    rows, sub = rows[order], sub[order]
+    uniq, counts = torch.unique_consecutive(sub, return_counts=True)
+    means = g.means[rows].double().numpy()
+    out: dict[int, GravityBox] = {}
+    start = 0
+    for iid, n in zip(uniq.tolist(), counts.tolist()):
+        box = fit_gravity_aligned_box(means[start:start + n], snapshot.up, trim_percent)
+        if box is not None:
+            out[int(iid)] = box
+        start += n
+    return out
 
 
 def to_json_dict(results: Sequence[ObjectResult], query: str) -> dict:

@@ -13,7 +13,7 @@ from _core_fixtures import hololens_meta, label_segmentation, load_hololens
 
 from langgs_ros.fusion import FusionConfig, SemanticGaussianMap
 from langgs_ros.gaussians import gaussians_from_depth
-from langgs_ros.query import QueryConfig, QueryEngine
+from langgs_ros.query import instance_boxes
 from langgs_ros.sparsify import SparsifyConfig
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians
 
@@ -119,9 +119,7 @@ def test_association_separates_touching_and_same_class_objects() -> None:
         assert np.all((p > lo - 0.03) & (p < hi + 0.03))
     # Gravity-aligned boxes recover the geometry (visible faces only, so allow a few cm).
     row = list(snap.instances.names).index("a")
-    res = QueryEngine.__new__(QueryEngine)
-    res.config = QueryConfig()
-    box = res._boxes(snap, [int(snap.instances.ids[row])])[int(snap.instances.ids[row])]
+    box = instance_boxes(snap, [int(snap.instances.ids[row])])[int(snap.instances.ids[row])]
     np.testing.assert_allclose(box.size, [0.4, 0.4, 0.6], atol=0.05)
     assert snap.floor_height == pytest.approx(0.0, abs=0.02)
 
@@ -319,9 +317,7 @@ def test_real_frames_twice_do_not_grow_map_or_duplicate_instances(hololens_16, h
 def test_real_instance_boxes_match_ground_truth(hololens_16, hololens_fused) -> None:
     meta = hololens_16[0]
     snap = hololens_fused[2]
-    eng = QueryEngine.__new__(QueryEngine)
-    eng.config = QueryConfig()
-    boxes = eng._boxes(snap, [int(i) for i in snap.instances.ids])
+    boxes = instance_boxes(snap)
     checked = 0
     for row, iid in enumerate(snap.instances.ids):
         obj = meta["objects"][int(snap.instances.embeddings[row].argmax())]
@@ -333,3 +329,34 @@ def test_real_instance_boxes_match_ground_truth(hololens_16, hololens_fused) -> 
         assert abs(box.size[2] - obj["size"][2]) < 0.1, obj["name"]
         checked += 1
     assert checked >= 6
+
+
+def test_snapshots_from_another_thread_are_consistent() -> None:
+    import threading
+
+    m = SemanticGaussianMap("synthetic", 4, FusionConfig(min_segment_points=20))
+    cams = [[-1.0, 0.8, 1.8], [-0.9, 0.2, 1.7], [-0.9, 1.4, 1.7], [-0.5, 0.8, 1.2]]
+    views = [frame([BOX_A, BOX_B, BOX_C], look_at(np.asarray(c), np.array([1.2, 0.8, 0.3])), EMB) for c in cams]
+    errors: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            s = m.snapshot()
+            ids = set(s.gaussians.instance_ids.tolist()) - {-1}
+            if ids != set(s.instances.ids.tolist()):
+                errors.append(f"version {s.version}: Gaussian ids {ids} vs table {set(s.instances.ids.tolist())}")
+            if int(s.instances.num_gaussians.sum()) != int((s.gaussians.instance_ids >= 0).sum()):
+                errors.append(f"version {s.version}: counts differ")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(3):
+            for (g, seg), c in zip(views, cams):
+                m.integrate([g], [seg], look_at(np.asarray(c), np.array([1.2, 0.8, 0.3]))[None], 0.0)
+    finally:
+        done.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert m.num_instances == 3
