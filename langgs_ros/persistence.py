@@ -26,7 +26,8 @@ finally deletes sidecars of earlier saves. The PLY rename is the single commit p
 the PLY header to its sidecar, so whenever a writer is killed a reader sees either the old complete map or the new
 one (at worst an orphaned ``*.instances.npz`` of an unfinished save is left behind and removed by the next save).
 A sidecar that does not belong to the PLY (uuid or checksum mismatch, e.g. files copied from different saves) is
-refused on load with :class:`MapFormatError`.
+refused on load with :class:`MapFormatError`. One writer per path at a time (the mapping node); readers may run
+concurrently with it: :func:`load_map` reads the PLY once and retries if a save replaced it mid-load.
 
 Loading validates everything (required properties, counts, dtypes, NaNs/infs, uuid, SHA-256, embedding
 dimension, encoder) and either returns a complete snapshot or raises; it never returns partial data.
@@ -368,7 +369,7 @@ def save_map(snapshot: MapSnapshot, path: str | Path) -> None:
 
 
 def _read_header_ids(path: Path) -> tuple[str, int]:
-    """(map_uuid, format_version) from the PLY header comments."""
+    """(map_uuid, format_version) from the PLY header comments of the file at ``path``."""
     if not path.is_file():
         raise MapFormatError(f"map file not found: {path}")
     try:
@@ -376,7 +377,12 @@ def _read_header_ids(path: Path) -> tuple[str, int]:
             head = f.read(1 << 16)
     except OSError as e:
         raise MapFormatError(f"cannot read {path}: {e}") from e
-    end = head.find(b"end_header")
+    return _parse_header_ids(head, path)
+
+
+def _parse_header_ids(head: bytes, path: Path) -> tuple[str, int]:
+    """(map_uuid, format_version) from the start of a PLY file's bytes."""
+    end = head.find(b"end_header", 0, 1 << 16)
     if not head.startswith(b"ply") or end < 0:
         raise MapFormatError(f"{path} is not a PLY file (no 'ply' magic / 'end_header')")
     map_uuid, version = None, None
@@ -435,9 +441,25 @@ def load_map(path: str | Path, expected_encoder_id: str | None = None,
         EncoderMismatchError: ``expected_encoder_id`` differs from the map's encoder.
     """
     path = Path(path)
-    map_uuid, _ = _read_header_ids(path)
-    side = sidecar_path(path, map_uuid)
-    meta, arr = _load_sidecar(side)
+    # Read the PLY once (an open file keeps the inode, so a concurrent save cannot mix two versions); if a
+    # concurrent save replaced the PLY and removed our sidecar in between, start again with the new pair.
+    for attempt in range(3):
+        if not path.is_file():
+            raise MapFormatError(f"map file not found: {path}")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise MapFormatError(f"cannot read {path}: {e}") from e
+        map_uuid, _ = _parse_header_ids(data, path)
+        side = sidecar_path(path, map_uuid)
+        try:
+            meta, arr = _load_sidecar(side)
+            break
+        except MapFormatError:
+            with contextlib.suppress(MapFormatError):
+                if attempt < 2 and _read_header_ids(path)[0] != map_uuid:
+                    continue
+            raise
 
     required_meta = ("format_version", "map_uuid", "ply_sha256", "num_gaussians_total", "has_weights",
                      "encoder_id", "embedding_dim", "names", "frame_id", "floor_height", "stamp", "version")
@@ -453,10 +475,6 @@ def load_map(path: str | Path, expected_encoder_id: str | None = None,
             f"map {path} was built with encoder '{meta['encoder_id']}', but '{expected_encoder_id}' is in use; "
             "its embeddings are not comparable. Rebuild the map or load it with the same encoder.")
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MapFormatError(f"cannot read {path}: {e}") from e
     if hashlib.sha256(data).hexdigest() != meta["ply_sha256"]:
         raise MapFormatError(f"{path} does not match its sidecar's checksum (file truncated, modified or corrupt)")
     try:

@@ -338,7 +338,8 @@ def _composite_torch(p: ProjectedGaussians, values: torch.Tensor, classes: torch
             px = (grp % tiles_x).float()[:, None] * TILE_SIZE + off_x[None]  # (G, P)
             py = torch.div(grp, tiles_x, rounding_mode="floor").float()[:, None] * TILE_SIZE + off_y[None]
             T = torch.ones(G, P, device=dev)
-            done = torch.zeros(G, P, dtype=torch.bool, device=dev)
+            # Pixels of edge tiles outside the image start "done" so they do not delay early termination.
+            done = (px >= width) | (py >= height)
             a_acc = torch.zeros(G, P, C, device=dev)
             if classes is not None:
                 kmax = int(k_per_tile[grp].max())
@@ -351,30 +352,32 @@ def _composite_torch(p: ProjectedGaussians, values: torch.Tensor, classes: torch
                 valid_slot = (k + torch.arange(batch, device=dev))[None] < g_count[active, None]  # (A, B)
                 pos = torch.where(valid_slot, pos, torch.zeros_like(pos))
                 gi = gauss[pos]  # (A, B)
+                # σ = ½ a dx² + b dx dy + ½ c dy² (in place, few temporaries: this loop is the hot spot).
                 dx = mx[gi][:, None, :] - px[active][:, :, None]  # (A, P, B)
                 dy = my[gi][:, None, :] - py[active][:, :, None]
-                sigma = 0.5 * (ca[gi][:, None, :] * dx * dx + cc[gi][:, None, :] * dy * dy) \
-                    + cb[gi][:, None, :] * dx * dy
+                sigma = torch.mul(dx, dx).mul_(0.5 * ca[gi][:, None, :])
+                sigma.add_(dx.mul_(dy).mul_(cb[gi][:, None, :]))
+                sigma.add_(dy.mul_(dy).mul_(0.5 * cc[gi][:, None, :]))
                 del dx, dy
-                # exp(-min(σ, 30)): beyond σ = 30 alpha < 1/255 anyway (skipped); the clamp avoids float32
-                # denormals from exp(-σ) for σ in (87, 104), which are very slow on x86 CPUs.
-                alpha = torch.clamp_max(op[gi][:, None, :] * torch.exp(-sigma.clamp_max(30.0)), ALPHA_MAX)
-                skip = (sigma < 0) | (alpha < ALPHA_MIN) | ~valid_slot[:, None, :] | done[active][:, :, None]
-                alpha = alpha.masked_fill_(skip, 0.0)
-                del sigma, skip
+                usable = (sigma >= 0) & ~done[active][:, :, None] & valid_slot[:, None, :]
+                # α = min(0.999, o exp(-σ)); exp(-min(σ, 30)): beyond σ = 30, α < 1/255 anyway (skipped), and the
+                # clamp avoids float32 denormals from exp(-σ) for σ in (87, 104), which are very slow on x86 CPUs.
+                alpha = sigma.clamp_max_(30.0).neg_().exp_().mul_(op[gi][:, None, :]).clamp_max_(ALPHA_MAX)
+                usable &= alpha >= ALPHA_MIN
+                alpha.mul_(usable)
+                del sigma, usable
                 T0 = T[active]  # (A, P)
-                t_incl = torch.cumprod(1.0 - alpha, dim=-1) * T0[:, :, None]
-                keep = t_incl > TRANSMITTANCE_MIN
-                t_excl = torch.cat([T0[:, :, None], t_incl[:, :, :-1]], dim=-1)
-                w = alpha * t_excl * keep  # (A, P, B)
-                # Transmittance after the kept prefix; pixels that hit the threshold are done.
-                T[active] = torch.where(keep, t_incl, T0[:, :, None]).amin(dim=-1)
-                done[active] |= (t_incl[:, :, -1] <= TRANSMITTANCE_MIN)
+                t_incl = torch.cumprod(torch.sub(1.0, alpha), dim=-1).mul_(T0[:, :, None])  # T after each
+                keep = t_incl > TRANSMITTANCE_MIN  # a prefix along B (t_incl is non-increasing)
+                w = torch.cat([T0[:, :, None], t_incl[:, :, :-1]], dim=-1).mul_(alpha).mul_(keep)  # α_i T_i
+                # Transmittance after the kept prefix; pixels that reached the threshold are done.
+                done[active] |= t_incl[:, :, -1] <= TRANSMITTANCE_MIN
+                T[active] = torch.minimum(T0, t_incl.masked_fill_(~keep, 1.0).amin(dim=-1))
                 a_acc[active] += torch.bmm(w, values[gi])
                 if classes is not None:
                     lc = local_cls[pos].masked_fill(~valid_slot, 0)  # (A, B)
                     c_acc[active] = c_acc[active].scatter_add_(2, lc[:, None, :].expand_as(w), w)
-                del alpha, t_incl, keep, t_excl, w
+                del alpha, t_incl, keep, w
                 k += batch
                 still = (g_count[active] > k) & ~done[active].all(dim=1)
                 active = active[still]

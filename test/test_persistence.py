@@ -329,3 +329,21 @@ def test_killed_between_renames_reader_sees_old_map(tmp_path: Path, monkeypatch:
     save_map(new, path)
     assert [p.name for p in tmp_path.glob("m.ply.*.instances.npz")] == [sidecar_path(path).name]
     assert torch.equal(load_map(path).gaussians.means, new.gaussians.means)
+
+
+def test_load_retries_when_a_concurrent_save_replaces_the_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.ply"
+    save_map(make_snapshot(seed=1), path)
+    new = make_snapshot(seed=2, n=80)
+    real = persistence._load_sidecar
+    state = {"raced": False}
+
+    def racing_load_sidecar(side: Path):  # a writer commits a new save (removing the old sidecar) mid-load
+        if not state["raced"]:
+            state["raced"] = True
+            save_map(new, path)
+        return real(side)
+
+    monkeypatch.setattr(persistence, "_load_sidecar", racing_load_sidecar)
+    back = load_map(path)
+    assert state["raced"] and torch.equal(back.gaussians.means, new.gaussians.means)
