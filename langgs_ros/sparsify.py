@@ -40,12 +40,15 @@ from langgs_ros.geometry import quat_to_rotmat, scales_quats_from_covariance
 from langgs_ros.types import Gaussians
 
 __all__ = [
+    "MAX_OCC_INSTANCE",
     "SparsifyConfig",
     "SparsifyResult",
     "cell_keys",
     "merge_by_inverse",
     "merge_weights",
+    "occupancy_instance_part",
     "occupancy_keys",
+    "occupancy_voxel_part",
     "sparsify",
     "sparsify_with_keys",
     "voxel_keys",
