@@ -100,6 +100,20 @@ def test_umeyama_weights_ignore_zero_weight_outliers() -> None:
     assert est.s == pytest.approx(true.s, rel=1e-9) and rotation_error_deg(est.R, true.R) < 1e-6
 
 
+def test_symmetric_scale_is_unbiased_with_noise_on_both_sides() -> None:
+    """Umeyama's scale is biased low by σx² / (σx² + σn²) when the source is noisy; Horn's symmetric one is not."""
+    rng = np.random.default_rng(8)
+    true = random_sim3(rng)
+    pts = rng.normal(size=(20000, 3))  # σx² = 3 (per point, summed over axes)
+    src = pts + rng.normal(scale=0.4, size=pts.shape)  # σn² = 0.48
+    dst = true.apply(pts + rng.normal(scale=0.4, size=pts.shape))
+    plain = umeyama(src, dst)
+    sym = umeyama(src, dst, symmetric_scale=True)
+    assert plain.s / true.s == pytest.approx(3.0 / 3.48, rel=0.02)
+    assert sym.s / true.s == pytest.approx(1.0, rel=0.01)
+    assert rotation_error_deg(sym.R, true.R) < 0.5
+
+
 def test_umeyama_rejects_bad_input() -> None:
     rng = np.random.default_rng(4)
     src = rng.normal(size=(5, 3))

@@ -158,6 +158,7 @@ def test_vggt_tiny_adapter_end_to_end(frames: list[Frame], width: int) -> None:
     for t in (out.depth, out.confidence, out.intrinsics, out.world_from_camera):
         assert t.dtype == torch.float32 and torch.all(torch.isfinite(t))
     assert float(out.confidence.min()) >= 0.0 and float(out.confidence.max()) <= 1.0
+    assert not out.depth.is_inference() and not out.world_from_camera.is_inference()  # usable outside inference
     assert float((out.depth > 0).float().mean()) > 0.5
     R = out.world_from_camera[:, :3, :3].double()
     assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(3, dtype=torch.float64).expand(4, 3, 3), atol=1e-5)

@@ -173,9 +173,9 @@ class Sim3:
 
 
 # ---------------------------------------------------------------------------------------------- Umeyama
-def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, with_scale: bool,
+def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, with_scale: bool, symmetric: bool = False,
                    rel_eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Batched weighted Umeyama. src, dst (B, n, 3); w (B, n) >= 0 with positive sums.
+    """Batched weighted Umeyama. src, dst (B, n, 3); w (B, n) >= 0 with positive sums; ``symmetric``: Horn's scale.
 
     Returns (s (B,), R (B, 3, 3), t (B, 3), ok (B,) bool); ``ok`` is False for degenerate sets (cross-covariance
     of rank < 2, i.e. collinear or coincident points, or zero source spread).
@@ -193,7 +193,12 @@ def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, with_scale: 
     R = np.einsum("bij,bj,bjk->bik", U, S, Vt)  # eq. (40): R = U S V^T
     scale_ref = np.maximum(D[:, 0], 1e-300)
     ok = (D[:, 1] > rel_eps * scale_ref) & (var_x > 0) & np.all(np.isfinite(cov), axis=(1, 2))
-    if with_scale:
+    if with_scale and symmetric:
+        var_y = np.einsum("bn,bnk,bnk->b", wn, yc, yc)
+        s = np.sqrt(var_y / np.where(var_x > 0, var_x, 1.0))  # Horn 1987, Sec. 2.D: s = sqrt(σy² / σx²)
+        ok &= s > 0
+        s = np.where(ok, s, 1.0)
+    elif with_scale:
         s = np.einsum("bj,bj->b", D, S) / np.where(var_x > 0, var_x, 1.0)  # eq. (42): c = tr(DS) / σx²
         ok &= s > 0
         s = np.where(ok, s, 1.0)
@@ -204,7 +209,7 @@ def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, with_scale: 
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
-            with_scale: bool = True) -> Sim3:
+            with_scale: bool = True, symmetric_scale: bool = False) -> Sim3:
     """Weighted least-squares similarity ``dst ≈ s R src + t`` in closed form.
 
     Minimises ``Σ_i w_i ||dst_i - (s R src_i + t)||²`` (Umeyama, "Least-squares estimation of transformation
@@ -218,6 +223,11 @@ def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
         dst: (N, 3) target points (target units).
         weights: (N,) non-negative weights (``None``: all 1).
         with_scale: estimate ``s`` (False: rigid, ``s = 1``).
+        symmetric_scale: use Horn's symmetric scale ``s = sqrt(σy² / σx²)`` (Horn, "Closed-form solution of
+            absolute orientation using unit quaternions", JOSA A 4(4), 1987, Sec. 2.D) instead of Umeyama's
+            ``tr(DS) / σx²``. Umeyama's estimate treats ``src`` as exact: with noise ``σn²`` on ``src`` it is biased
+            low by ``σx² / (σx² + σn²)``; the symmetric one is unbiased when both sets carry the same relative noise
+            (e.g. two depth predictions of the same pixels), which matters when many fits are chained.
 
     Returns:
         The :class:`Sim3` mapping ``src`` onto ``dst``.
@@ -227,7 +237,7 @@ def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
         AlignmentError: degenerate configuration (points collinear or coincident: rank(Σxy) < 2).
     """
     x, y, w = _check_sets(src, dst, weights)
-    s, R, t, ok = _umeyama_batch(x[None], y[None], w[None], with_scale)
+    s, R, t, ok = _umeyama_batch(x[None], y[None], w[None], with_scale, symmetric_scale)
     if not ok[0]:
         raise AlignmentError("degenerate point configuration for Umeyama (points collinear or coincident)")
     return Sim3(float(s[0]), _as_rotation(R[0]), t[0])
@@ -256,7 +266,8 @@ def _check_sets(src: np.ndarray, dst: np.ndarray,
 
 def ransac_umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, threshold_m: float = 0.05,
                    iterations: int = 300, min_inliers: int = 3, rng: np.random.Generator | int | None = None,
-                   with_scale: bool = True, confidence: float = 0.999) -> tuple[Sim3, np.ndarray, np.ndarray]:
+                   with_scale: bool = True, confidence: float = 0.999,
+                   symmetric_scale: bool = False) -> tuple[Sim3, np.ndarray, np.ndarray]:
     """Robust Sim(3) between correspondences with outliers: RANSAC over minimal 3-point Umeyama fits.
 
     Hypotheses come from 3 correspondences drawn with probability proportional to their weights; each is
@@ -277,6 +288,7 @@ def ransac_umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None 
         rng: random generator or seed (``None``: a fresh unseeded generator).
         with_scale: estimate the scale (False: rigid).
         confidence: RANSAC success probability ``p`` for the adaptive stop.
+        symmetric_scale: the refit on the inliers uses the symmetric scale (see :func:`umeyama`).
 
     Returns:
         ``(sim3, inlier_mask (N,) bool, residuals (N,) float64)`` — residuals of every correspondence under the
@@ -337,7 +349,7 @@ def ransac_umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None 
         if int(inl.sum()) < 3 or w[inl].sum() <= 0:
             break
         try:
-            refit = umeyama(x[inl], y[inl], w[inl], with_scale=with_scale)
+            refit = umeyama(x[inl], y[inl], w[inl], with_scale=with_scale, symmetric_scale=symmetric_scale)
         except AlignmentError:
             break
         new_inl = np.linalg.norm(refit.apply(x) - y, axis=1) ** 2 <= tau2
@@ -613,6 +625,9 @@ class AlignerConfig:
         overlap_threshold: RANSAC inlier threshold for window-to-map alignment, as a fraction of the median
             depth of the map's correspondences (0.03 = 3 cm at 1 m); relative because the map frame may not be
             metric.
+        symmetric_scale: window-to-map fits use the symmetric scale estimate (see :func:`umeyama`): both sides are
+            predictions with similar relative noise, and Umeyama's scale would shrink the map a little at every
+            chained window.
         min_overlap_inliers: fewest inliers accepted for a window-to-map fit.
         min_inlier_ratio: smallest inlier fraction accepted for a window-to-map fit.
         ransac_iterations: maximum RANSAC hypotheses per fit.
@@ -631,6 +646,7 @@ class AlignerConfig:
     max_points_per_frame: int = 800
     centre_weight: float = 10.0
     overlap_threshold: float = 0.03
+    symmetric_scale: bool = True
     min_overlap_inliers: int = 20
     min_inlier_ratio: float = 0.25
     ransac_iterations: int = 300
@@ -676,7 +692,8 @@ def fit_shared_frames(src: Sequence[FrameGeometry], dst: Sequence[FrameGeometry]
     if not scale_ref > 0:
         raise AlignmentError("shared frames have no valid depth to set the inlier threshold")
     sim, inl, r = ransac_umeyama(x, y, w, threshold_m=config.overlap_threshold * scale_ref,
-                                 iterations=config.ransac_iterations, min_inliers=config.min_overlap_inliers, rng=rng)
+                                 iterations=config.ransac_iterations, min_inliers=config.min_overlap_inliers, rng=rng,
+                                 symmetric_scale=config.symmetric_scale)
     ratio = float(inl.mean())
     if ratio < config.min_inlier_ratio:
         raise AlignmentError(f"only {100 * ratio:.0f}% of {n} shared-frame correspondences are inliers "

@@ -454,9 +454,10 @@ class FeedForwardReconstructor(Reconstructor):
             raise ValueError("a window contains the same frame (frame_id, stamp) twice")
         splits_before = self.oom_fallbacks
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode():  # the backbone; outputs below are ordinary tensors (usable outside it)
             pred = self._predict(list(frames))
-            t_backbone = time.perf_counter() - t0
+        t_backbone = time.perf_counter() - t0
+        with torch.no_grad():
             depth, conf_raw = pred.depth, pred.conf_raw
             pred.depth = pred.conf_raw = torch.empty(0)  # the window's only references are the locals now
             valid = depth > 0
