@@ -70,6 +70,7 @@ __all__ = [
     "confidence_to_unit",
     "intrinsics_to_input",
     "intrinsics_to_model",
+    "plan_preprocess",
     "preprocess_images",
     "resample_depth_to_input",
     "resample_to_input",
