@@ -82,7 +82,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     elif args.semantic == "clip_sam":
         cfg.semantic_args = {"preset": args.preset}
     if args.voxel_size:
-        cfg.sparsify.voxel_size = args.voxel_size
+        cfg.sparsify.base_voxel_size = args.voxel_size
     pipeline = MappingPipeline(cfg)
     from langgs_ros.frames import FrameBuffer
 

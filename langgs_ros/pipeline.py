@@ -127,6 +127,29 @@ class MappingPipeline:
         """A consistent CPU copy of the map."""
         return self.map.snapshot()
 
+    def reset(self) -> None:
+        """Clear the map and any state the reconstructor keeps across windows (e.g. window alignment)."""
+        self.map.reset()
+        reset = getattr(self.reconstructor, "reset", None)
+        if callable(reset):
+            reset()
+
+    def replace_map(self, snapshot: MapSnapshot) -> None:
+        """Replace the map by a loaded snapshot (same encoder required) and reset the reconstructor's state.
+
+        Raises:
+            ValueError: the snapshot's encoder differs from this pipeline's text encoder.
+        """
+        if snapshot.encoder_id != self.text_encoder.encoder_id:
+            raise ValueError(f"map encoder {snapshot.encoder_id!r} differs from the pipeline's "
+                             f"{self.text_encoder.encoder_id!r}")
+        cfg = self.config
+        self.map = SemanticGaussianMap.from_snapshot(snapshot, config=cfg.fusion, sparsify_config=cfg.sparsify,
+                                                     device=cfg.device)
+        reset = getattr(self.reconstructor, "reset", None)
+        if callable(reset):
+            reset()
+
 
 class MappingWorker:
     """Runs a :class:`MappingPipeline` on a background thread fed by a bounded frame queue.

@@ -67,3 +67,58 @@ def call_service(node, srv_type, name: str, request, timeout: float = 60.0):
         return future.result()
     finally:
         node.destroy_client(client)
+
+
+class DiagnosticsWatcher:
+    """Keeps the latest ``mapping`` DiagnosticStatus values published by a mapping node on /diagnostics."""
+
+    def __init__(self, node) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.values: dict[str, str] = {}
+        self.count = 0
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on, 10)
+
+    def _on(self, msg) -> None:
+        for st in msg.status:
+            if st.name.endswith("mapping"):
+                self.values = {kv.key: kv.value for kv in st.values}
+                self.count += 1
+
+    def get(self, key: str, default: int = 0) -> int:
+        """An integer value (0 when absent)."""
+        try:
+            return int(float(self.values.get(key, default)))
+        except ValueError:
+            return default
+
+    def wait_idle(self, min_windows: int = 1, timeout: float = 180.0, stable_for: int = 3) -> dict[str, str]:
+        """Wait until >= ``min_windows`` windows were processed and the queues stayed empty for ``stable_for``
+        consecutive diagnostics messages; returns the values.
+
+        Raises:
+            TimeoutError: not idle in time.
+        """
+        deadline = time.monotonic() + timeout
+        stable, last_count, last_state = 0, self.count, None
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if self.count == last_count:
+                continue
+            last_count = self.count
+            state = (self.get("processed_windows"), self.get("map_version"))
+            idle = (self.get("queued_frames") == 0 and self.get("queued_windows") == 0
+                    and self.get("processed_windows") >= min_windows)
+            stable = stable + 1 if idle and state == last_state else 0
+            last_state = state
+            if stable >= stable_for:
+                return dict(self.values)
+        raise TimeoutError(f"mapping node not idle after {timeout} s: {self.values}")
+
+
+def process_rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0

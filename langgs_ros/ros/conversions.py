@@ -238,26 +238,35 @@ def _label_color(instance_id: int) -> ColorRGBA:
     return ColorRGBA(r=float(r), g=float(g), b=float(b), a=0.6)
 
 
+def rotation_to_quaternion(R: np.ndarray) -> Quaternion:
+    """(3, 3) rotation matrix -> ``geometry_msgs/Quaternion`` (x, y, z, w)."""
+    q = Rotation.from_matrix(np.asarray(R, dtype=np.float64)).as_quat()
+    return Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))
+
+
 def box_markers(snapshot: MapSnapshot, stamp: Time, namespace: str = "objects",
                 highlight: dict[int, float] | None = None, frame_id: str | None = None) -> MarkerArray:
-    """Instance boxes (CUBE, gravity-aligned, yaw about up) and text labels as a ``MarkerArray``.
+    """Instance boxes (CUBE, gravity-aligned, fitted by :func:`langgs_ros.query.instance_boxes`) and text labels.
 
     Args:
         highlight: instance id -> score; when given only those instances are drawn, coloured by score
             (red = 1) with the score in the label (query results).
     """
+    from langgs_ros.query import instance_boxes
+
     inst = snapshot.instances
     header = Header(stamp=stamp, frame_id=frame_id or snapshot.frame_id)
     out = MarkerArray()
     out.markers.append(Marker(header=header, ns=namespace, id=0, action=Marker.DELETEALL))
-    for k in range(len(inst)):
-        iid = int(inst.ids[k])
-        if highlight is not None and iid not in highlight:
-            continue
-        c = inst.centers[k]
+    wanted = [int(i) for i in inst.ids if highlight is None or int(i) in highlight]
+    boxes = instance_boxes(snapshot, wanted)
+    names = {int(i): n for i, n in zip(inst.ids, inst.names)}
+    up = np.asarray(snapshot.up, dtype=np.float64)
+    for iid, box in boxes.items():
+        c = box.center
         pose = Pose(position=Point(x=float(c[0]), y=float(c[1]), z=float(c[2])),
-                    orientation=yaw_to_quaternion(float(inst.yaws[k]), snapshot.up))
-        size = np.maximum(inst.sizes[k], 0.01)
+                    orientation=rotation_to_quaternion(box.rotation))
+        size = np.maximum(box.size, 0.01)
         if highlight is not None:
             s = float(highlight[iid])
             color = ColorRGBA(r=1.0, g=float(1.0 - s), b=0.0, a=0.7)
@@ -266,9 +275,8 @@ def box_markers(snapshot: MapSnapshot, stamp: Time, namespace: str = "objects",
         out.markers.append(Marker(header=header, ns=namespace, id=2 * iid + 1, type=Marker.CUBE, action=Marker.ADD,
                                   pose=pose, scale=Vector3(x=float(size[0]), y=float(size[1]), z=float(size[2])),
                                   color=color))
-        name = inst.names[k] or f"instance {iid}"
+        name = names.get(iid) or f"instance {iid}"
         text = f"{name} ({highlight[iid]:.2f})" if highlight is not None else name
-        up = np.asarray(snapshot.up, dtype=np.float64)
         tp = c + up * (float(size[2]) / 2 + 0.1)
         out.markers.append(Marker(header=header, ns=f"{namespace}_labels", id=2 * iid + 2,
                                   type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,

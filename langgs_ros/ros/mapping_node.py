@@ -65,6 +65,7 @@ from langgs_ros.ros.conversions import (
     image_to_rgb,
     pose_stamped,
     pose_to_matrix,
+    rotation_to_quaternion,
     sec_to_stamp,
     snapshot_to_pointcloud2,
     stamp_to_sec,
@@ -116,6 +117,10 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "semantic.preset": ("full", "full (real weights) or tiny (random-init test models)."),
     "feedforward.preset": ("vggt_1b", "VGGT preset: vggt_1b (released weights) or tiny."),
     "feedforward.weights": ("", "VGGT checkpoint path or Hugging Face repo id; empty = default repo."),
+    "feedforward.image_width": (518, "px; model input width (multiple of 14; 518 for the released weights)."),
+    "feedforward.camera_info": ("replace", "With CameraInfo: replace predicted intrinsics (rescaling depth), "
+                                           "check (log the focal error) or ignore."),
+    "feedforward.allow_random_weights": (False, "Run a preset without weights (random init; tests/plumbing only)."),
 }
 
 
@@ -219,6 +224,7 @@ class MappingNode(Node):
             self.create_timer(period, self._autosave, callback_group=self._save_group)
         if p("load_on_start") and p("autosave_path") and Path(p("autosave_path")).is_file():
             ok, msg, _, _ = self._load(p("autosave_path"))
+            self._saved_version = self.worker.snapshot().version  # the file already holds this map
             (self.get_logger().info if ok else self.get_logger().error)(f"load_on_start: {msg}")
         self.worker.start()
         self.get_logger().info(
@@ -256,13 +262,17 @@ class MappingNode(Node):
             min_image_change=float(p("keyframe.min_image_change")), max_interval=float(p("keyframe.max_interval")),
         )
         cfg.fusion.max_gaussians = int(p("max_gaussians"))
-        cfg.sparsify.voxel_size = float(p("voxel_size"))
+        cfg.sparsify.base_voxel_size = float(p("voxel_size"))
         cfg.query.top_k = int(p("query.top_k"))
         cfg.query.min_score = float(p("query.min_score"))
         if self.backend == "rgbd":
             cfg.backend_args = {"max_depth": float(p("max_depth"))}
         elif self.backend == "feedforward":
-            cfg.backend_args = {"preset": p("feedforward.preset")}
+            cfg.backend_args = {
+                "preset": p("feedforward.preset"), "image_width": int(p("feedforward.image_width")),
+                "camera_info": p("feedforward.camera_info"),
+                "allow_random_weights": bool(p("feedforward.allow_random_weights")),
+            }
             if p("feedforward.weights"):
                 cfg.backend_args["weights"] = p("feedforward.weights")
         if self.semantic_source == "labels":
@@ -502,9 +512,10 @@ class MappingNode(Node):
             return response
         stamp = self.get_clock().now().to_msg()
         for r in results:
+            pose = pose_stamped(r.centroid, 0.0, stamp, self.map_frame, snap.up)
+            pose.pose.orientation = rotation_to_quaternion(r.box_rotation)
             response.objects.append(ObjectLocation(
-                instance_id=int(r.instance_id), label=r.name or query, score=float(r.score),
-                pose=pose_stamped(r.center, r.yaw, stamp, self.map_frame, snap.up),
+                instance_id=int(r.instance_id), label=r.name or query, score=float(r.score), pose=pose,
                 size=Vector3(x=float(r.size[0]), y=float(r.size[1]), z=float(r.size[2])),
                 num_gaussians=int(r.num_gaussians),
                 approach_pose=pose_stamped(r.approach_position, r.approach_yaw, stamp, self.map_frame, snap.up),
@@ -528,7 +539,6 @@ class MappingNode(Node):
             len(snap.gaussians), len(snap.instances)
 
     def _load(self, path: str) -> tuple[bool, str, int, int]:
-        from langgs_ros.fusion import SemanticGaussianMap
         from langgs_ros.persistence import load_map
 
         try:
@@ -537,9 +547,7 @@ class MappingNode(Node):
             return False, f"load failed, map unchanged: {exc}", 0, 0
 
         def replace() -> None:
-            cfg = self.pipeline.config
-            self.pipeline.map = SemanticGaussianMap.from_snapshot(
-                snap, config=cfg.fusion, sparsify_config=cfg.sparsify, device=cfg.device)
+            self.pipeline.replace_map(snap)
             self.worker.buffer.reset()
             self.worker.publish_snapshot()
 
@@ -565,7 +573,7 @@ class MappingNode(Node):
 
     def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         def reset() -> None:
-            self.pipeline.map.reset()
+            self.pipeline.reset()
             self.worker.buffer.reset()
             self.worker.publish_snapshot()
 

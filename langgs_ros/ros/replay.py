@@ -77,19 +77,23 @@ class FolderReplay(Node):
         self.pub_odom = self.create_publisher(Odometry, "odom", 50)
         self.t0 = self.get_clock().now().nanoseconds * 1e-9
 
+    def odometry(self, world_from_camera: np.ndarray, t: float) -> Odometry:
+        """``nav_msgs/Odometry`` of the camera at time ``t`` (s) in the z-up ``odom`` frame."""
+        T = self.odom_from_world @ world_from_camera
+        q = Rotation.from_matrix(T[:3, :3]).as_quat()  # x, y, z, w
+        odom = Odometry(header=Header(stamp=sec_to_stamp(t), frame_id=self.odom_frame),
+                        child_frame_id=self.camera_frame)
+        odom.pose.pose = Pose(position=Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])),
+                              orientation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
+        return odom
+
     def publish_frame(self, i: int) -> float:
         """Publish frame ``i`` (odometry first, then camera info, depth, labels and colour); returns its stamp."""
         f = self.seq.frame(i)
         t = self.t0 + float(self.seq.stamps[i] - self.seq.stamps[0])
         header = Header(stamp=sec_to_stamp(t), frame_id=self.camera_frame)
         if f.world_from_camera is not None:
-            T = self.odom_from_world @ f.world_from_camera
-            q = Rotation.from_matrix(T[:3, :3]).as_quat()
-            odom = Odometry(header=Header(stamp=header.stamp, frame_id=self.odom_frame),
-                            child_frame_id=self.camera_frame)
-            odom.pose.pose = Pose(position=Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])),
-                                  orientation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
-            self.pub_odom.publish(odom)
+            self.pub_odom.publish(self.odometry(f.world_from_camera, t))
         if f.intrinsics is not None:
             K = f.intrinsics
             info = CameraInfo(header=header, height=f.height, width=f.width, distortion_model="plumb_bob",
