@@ -23,6 +23,7 @@ cameras the pose lies on the ring along the box's x axis.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,33 @@ class QueryEngine:
         if not self.config.canonical_negatives:
             raise ValueError("canonical_negatives must not be empty")
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # Boxes fitted per map snapshot (immutable): (snapshot, {instance id: box}) for the last two snapshots.
+        # The snapshot object is kept so its id() cannot be reused while cached.
+        self._box_cache: OrderedDict[int, tuple[MapSnapshot, dict[int, GravityBox | None]]] = OrderedDict()
+        self._box_lock = threading.Lock()
+
+    def boxes(self, snapshot: MapSnapshot, ids: Sequence[int]) -> dict[int, GravityBox]:
+        """Gravity-aligned boxes of ``ids`` in ``snapshot``, fitted once per snapshot and cached.
+
+        Fitting needs a pass over all map Gaussians (~10-80 ms at 1 M); snapshots are immutable, so repeated
+        queries against the same map version reuse the boxes. Thread-safe.
+        """
+        key = id(snapshot)
+        with self._box_lock:
+            entry = self._box_cache.get(key)
+            if entry is None or entry[0] is not snapshot:
+                entry = (snapshot, {})
+                self._box_cache[key] = entry
+                while len(self._box_cache) > 2:
+                    self._box_cache.popitem(last=False)
+            known = entry[1]
+            missing = [int(i) for i in ids if int(i) not in known]
+        if missing:
+            fitted = instance_boxes(snapshot, missing, self.config.box_trim_percent)
+            with self._box_lock:
+                for i in missing:
+                    known[i] = fitted.get(i)
+        return {int(i): known[int(i)] for i in ids if known.get(int(i)) is not None}
 
     def _validate_text(self, text: object, what: str = "query") -> str:
         if not isinstance(text, str):
@@ -274,7 +302,7 @@ class QueryEngine:
         if not rows:
             return []
         ids = [int(inst.ids[r]) for r in rows]
-        boxes = instance_boxes(snapshot, ids, self.config.box_trim_percent)
+        boxes = self.boxes(snapshot, ids)
         up = normalize_up(snapshot.up)
         out = []
         for r, iid in zip(rows, ids):
