@@ -146,6 +146,7 @@ class BagReplay(Node):
         self.connections = [c for c in self.reader.connections
                             if (topics is not None and c.topic in topics) or (topics is None and c.msgtype in wanted)]
         if not self.connections:
+            self.reader.close()
             raise ValueError(f"{bag}: none of the requested topics are in the bag "
                              f"(it has {sorted({c.topic for c in self.reader.connections})})")
         self.pubs = {}
