@@ -58,47 +58,25 @@ def fetch_sample(dest: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", nargs="?", default="", help="RGB-D folder (hololens or TUM layout)")
-    ap.add_argument("--rate", type=float, default=4.0, help="replay frames per second")
-    ap.add_argument("--frames", default="", help="python slice start:stop:step of frames to replay")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--timeout", type=float, default=900.0, help="s to wait for the node to finish mapping")
-    args = ap.parse_args(argv)
-
-    data = Path(args.data) if args.data else ROOT.parent / "shared" / "data" / "hololens_office"
-    if not args.data and not data.is_dir():
-        data = fetch_sample(ROOT / "build" / "demo_data")
-    configure_loopback_dds(random.randint(1, 100))
-
+def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int, int]:
+    """Start mapping_node with ``params``, replay ``seq`` into it, ask the queries; returns (hits, total)."""
     import numpy as np
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
-    from langgs_ros.datasets import open_sequence
     from langgs_ros.ros.replay import FolderReplay, gravity_alignment
     from langgs_ros.srv import FindObject
 
-    seq = open_sequence(data)
-    for line in seq.report:
-        print(f"[demo] {line}", flush=True)
-    annotated = bool(seq.objects) and any(p is not None for p in seq.label_paths)
-    semantic = "labels" if annotated else "clip_sam"
-    params = {
-        "backend": "rgbd", "semantic_source": semantic, "pose_source": "odometry", "device": args.device,
-        "window_period": 2.0, "queue.max_frames": 500, "queue.max_windows": 100, "publish.gaussians_period": 1.0,
-    }
-    if annotated:
-        params["label_names_file"] = str(seq.root / "annotations" / "objects.json")
+    annotated = params.get("semantic_source") == "labels"
     cmd = [sys.executable, "-m", "langgs_ros.ros.mapping_node", "--ros-args"]
     for k, v in params.items():
         cmd += ["-p", f"{k}:={v}"]
-    log_path = ROOT / "build" / "demo_node.log"
+    log_path = ROOT / "build" / f"demo_node_{backend}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] starting mapping_node ({semantic} semantics, rgbd backend); log: {log_path}", flush=True)
+    print(f"[demo] {label}: starting mapping_node ({params['semantic_source']} semantics, {backend} backend); "
+          f"log: {log_path}", flush=True)
     node_proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                  env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT, start_new_session=True)
     rclpy.init()
@@ -202,6 +180,51 @@ def main(argv: list[str] | None = None) -> int:
             node_proc.wait(20)
         except subprocess.TimeoutExpired:
             node_proc.kill()
+    return ok, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", nargs="?", default="", help="RGB-D folder (hololens or TUM layout)")
+    ap.add_argument("--rate", type=float, default=4.0, help="replay frames per second")
+    ap.add_argument("--frames", default="", help="python slice start:stop:step of frames to replay")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timeout", type=float, default=900.0, help="s to wait for the node to finish mapping")
+    ap.add_argument("--vggt-weights", default="facebook/VGGT-1B-Commercial",
+                    help="VGGT checkpoint path or Hugging Face repo id for the feedforward part")
+    args = ap.parse_args(argv)
+
+    data = Path(args.data) if args.data else ROOT.parent / "shared" / "data" / "hololens_office"
+    if not args.data and not data.is_dir():
+        data = fetch_sample(ROOT / "build" / "demo_data")
+    configure_loopback_dds(random.randint(1, 100))
+
+    from langgs_ros.datasets import open_sequence
+
+    seq = open_sequence(data)
+    for line in seq.report:
+        print(f"[demo] {line}", flush=True)
+    annotated = bool(seq.objects) and any(p is not None for p in seq.label_paths)
+    semantic = "labels" if annotated else "clip_sam"
+    params = {
+        "backend": "rgbd", "semantic_source": semantic, "pose_source": "odometry", "device": args.device,
+        "window_period": 2.0, "queue.max_frames": 500, "queue.max_windows": 100, "publish.gaussians_period": 1.0,
+    }
+    if annotated:
+        params["label_names_file"] = str(seq.root / "annotations" / "objects.json")
+    run_session(seq, "rgbd", params, args, "part 1/2, posed RGB-D")
+
+    # Part 2: the feed-forward unposed reconstructor (VGGT) on the colour images only, with odometry giving
+    # metric scale and gravity. It needs the released weights, which load from the local cache only.
+    from langgs_ros.models.vggt.weights import WeightsNotFoundError, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(args.vggt_weights, local_files_only=True)
+    except WeightsNotFoundError as exc:
+        print(f"[demo] part 2/2, feedforward (VGGT) backend: skipped, weights not found here ({exc})", flush=True)
+        return 0
+    ff = dict(params, backend="feedforward", **{"feedforward.weights": str(ckpt)})
+    run_session(seq, "feedforward", ff, args, "part 2/2, feed-forward unposed (VGGT)")
     return 0
 
 
