@@ -95,3 +95,12 @@ class OutOfMemoryOnce:
         if len(self.sizes) <= self.failures:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test double)")
         return self.inner.predict(images)
+
+
+def window_indices(n: int, size: int = 8, overlap: int = 2) -> list[list[int]]:
+    """Index lists of consecutive windows of ``size`` frames sharing ``overlap`` frames, covering 0..n-1."""
+    out, start = [], 0
+    while start < n - overlap:
+        out.append(list(range(start, min(n, start + size))))
+        start += size - overlap
+    return out

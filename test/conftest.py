@@ -97,3 +97,13 @@ def spinning_executor(ros_context) -> Iterator[SpinningExecutor]:
     ex = SpinningExecutor(ros_context)
     yield ex
     ex.close()
+
+
+@pytest.fixture(scope="module")
+def hololens_seq():
+    """The shared hololens sequence opened with :func:`langgs_ros.datasets.open_sequence` (module-scoped)."""
+    from langgs_ros.datasets import open_sequence
+
+    if not HOLOLENS.is_dir():
+        pytest.skip(f"shared data not found at {HOLOLENS}")
+    return open_sequence(HOLOLENS)

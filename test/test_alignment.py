@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ff_double import window_indices
 from scipy.spatial.transform import Rotation
 
 from langgs_ros.reconstruction.alignment import (
@@ -217,12 +218,6 @@ def holo_frames() -> list[Frame]:
     return list(seq.frames(range(0, 44), with_labels=False))
 
 
-def _windows(n: int, size: int = 8, overlap: int = 2) -> list[list[int]]:
-    out, start = [], 0
-    while start < n - overlap:
-        out.append(list(range(start, min(n, start + size))))
-        start += size - overlap
-    return out
 
 
 def _window_inputs(frames: list[Frame], idx: list[int], sim: Sim3, rng: np.random.Generator,
@@ -243,7 +238,7 @@ def _run_aligner(frames: list[Frame], posed: bool, seed: int = 0, odometry: list
     est: dict[str, np.ndarray] = {}
     residuals = []
     odo = odometry or [f.world_from_camera for f in frames]
-    for idx in _windows(len(frames)):
+    for idx in window_indices(len(frames)):
         fs = [dataclasses.replace(frames[i], world_from_camera=odo[i] if posed else None) for i in idx]
         poses, depth, Ks, conf = _window_inputs(frames, idx, random_sim3(rng), rng)
         out = aligner.align(fs, poses, depth, Ks, conf)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _ff_double import GroundTruthBackbone, OutOfMemoryOnce
+from _ff_double import GroundTruthBackbone, OutOfMemoryOnce, window_indices
 
 from langgs_ros.reconstruction.alignment import WindowAligner, umeyama
 from langgs_ros.reconstruction.base import make_reconstructor
@@ -174,19 +174,13 @@ def test_vggt_tiny_adapter_end_to_end(frames: list[Frame], width: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ geometry proofs
-def _windows(n: int, size: int = 8, overlap: int = 2) -> list[list[int]]:
-    out, start = [], 0
-    while start < n - overlap:
-        out.append(list(range(start, min(n, start + size))))
-        start += size - overlap
-    return out
 
 
 def test_unposed_chain_matches_ground_truth_after_one_sim3(frames: list[Frame], double: GroundTruthBackbone) -> None:
     """No odometry, no CameraInfo: windows chained through overlaps match GT up to one global Sim(3)."""
     rec = FeedForwardReconstructor(backbone=double, camera_info="replace")
     first: dict[str, np.ndarray] = {}
-    for idx in _windows(len(frames)):
+    for idx in window_indices(len(frames)):
         window = [dataclasses.replace(frames[i], world_from_camera=None, intrinsics=None) for i in idx]
         out = rec.reconstruct(window)
         assert out.scale_is_metric is False and out.frame == "map"

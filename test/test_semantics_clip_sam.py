@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from langgs_ros.datasets import RGBDSequence, open_sequence
+from langgs_ros.datasets import RGBDSequence
 from langgs_ros.semantics.base import make_semantic_source
 from langgs_ros.semantics.clip_sam import ClipSamSemanticSource, masked_crops, resolve_masks, square_context_boxes
 from langgs_ros.semantics.presets import build_sam_tiny, load_sam, resolve_sam_checkpoint
@@ -24,10 +24,8 @@ HOLOLENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hol
 
 
 @pytest.fixture(scope="module")
-def seq() -> RGBDSequence:
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared hololens data not found at {HOLOLENS}")
-    return open_sequence(HOLOLENS)
+def seq(hololens_seq) -> RGBDSequence:
+    return hololens_seq
 
 
 @pytest.fixture(scope="module")
