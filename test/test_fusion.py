@@ -155,6 +155,30 @@ def test_refinement_rekeys_coarse_gaussians() -> None:
     assert len({int(i) for i in snap.gaussians.instance_ids.tolist()} - {-1}) == 1
 
 
+def test_far_view_seen_before_a_refinement_does_not_grow_the_map_when_seen_again() -> None:
+    """A far view locks cells coarse, a near view refines them; seeing the far view (and the whole sequence)
+    again must merge into the existing Gaussians (through the refined cells' alias keys) instead of filling the
+    fine voxels that the far view's coarse Gaussians already cover."""
+    cfg = SparsifyConfig(base_voxel_size=0.02, growth_start_distance=0.8, max_level=3)
+    m = SemanticGaussianMap("synthetic", 4, FusionConfig(min_segment_points=20), cfg)
+    target = [1.2, -0.1, 0.3]
+    far, near = [[-6.0, -0.1, 1.5]], [[0.6, -0.1, 0.9]]
+    integrate_views(m, [BOX_A], far, target, EMB)
+    integrate_views(m, [BOX_A], near, target, EMB)  # refines the near face's cells
+    n1 = m.num_gaussians
+    assert m._keys.numel() > n1  # aliases of the re-keyed coarse Gaussians
+    mass = float(m._weights[:n1].sum())
+    st = integrate_views(m, [BOX_A], far, target, EMB)
+    assert st.inserted_gaussians == 0 and m.num_gaussians == n1
+    assert float(m._weights[: m.num_gaussians].sum()) > mass  # merged, not dropped
+    st = integrate_views(m, [BOX_A], far + near, target, EMB)
+    assert st.inserted_gaussians == 0 and m.num_gaussians == n1 and st.new_instances == 0
+    # Aliases follow their rows through eviction (no stale row indices).
+    m.config.max_gaussians = n1 // 2
+    integrate_views(m, [BOX_A], far, target, EMB)
+    assert bool((m._rows < m.num_gaussians).all()) and m._keys.numel() >= m.num_gaussians
+
+
 def test_instances_bridged_by_a_later_view_are_merged() -> None:
     long_box = (np.array([1.0, -1.5, 0.0]), np.array([1.3, 1.5, 0.5]))
     emb = torch.eye(2)
