@@ -322,7 +322,7 @@ def test_real_frames_twice_do_not_grow_map_or_duplicate_instances(hololens_16, h
     k1 = len(snap1.instances)
     _fuse(m, frames, segs, gs)
     n2, k2 = m.num_gaussians, m.num_instances
-    assert n2 < 1.05 * n1, (n1, n2)
+    assert n2 < 1.01 * n1, (n1, n2)  # +2.0 % before refined cells kept alias keys, now +0.0 %
     assert k2 == k1
     # One instance per ground-truth label (one-hot embeddings: argmax = label).
     labels = [int(e.argmax()) for e in m.snapshot().instances.embeddings]
