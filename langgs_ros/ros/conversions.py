@@ -245,12 +245,15 @@ def rotation_to_quaternion(R: np.ndarray) -> Quaternion:
 
 
 def box_markers(snapshot: MapSnapshot, stamp: Time, namespace: str = "objects",
-                highlight: dict[int, float] | None = None, frame_id: str | None = None) -> MarkerArray:
+                highlight: dict[int, float] | None = None, frame_id: str | None = None,
+                boxes: dict | None = None) -> MarkerArray:
     """Instance boxes (CUBE, gravity-aligned, fitted by :func:`langgs_ros.query.instance_boxes`) and text labels.
 
     Args:
         highlight: instance id -> score; when given only those instances are drawn, coloured by score
             (red = 1) with the score in the label (query results).
+        boxes: precomputed ``{instance id: GravityBox}`` (e.g. :meth:`QueryEngine.boxes`, cached per snapshot);
+            fitted here when None.
     """
     from langgs_ros.query import instance_boxes
 
@@ -259,7 +262,10 @@ def box_markers(snapshot: MapSnapshot, stamp: Time, namespace: str = "objects",
     out = MarkerArray()
     out.markers.append(Marker(header=header, ns=namespace, id=0, action=Marker.DELETEALL))
     wanted = [int(i) for i in inst.ids if highlight is None or int(i) in highlight]
-    boxes = instance_boxes(snapshot, wanted)
+    if boxes is None:
+        boxes = instance_boxes(snapshot, wanted)
+    else:
+        boxes = {i: boxes[i] for i in wanted if i in boxes}
     names = {int(i): n for i, n in zip(inst.ids, inst.names)}
     up = np.asarray(snapshot.up, dtype=np.float64)
     for iid, box in boxes.items():

@@ -522,9 +522,9 @@ class MappingNode(Node):
             ))
         response.success = True
         response.message = f"{len(results)} object(s) for {query!r}" if results else f"no object matches {query!r}"
-        self.pub_query.publish(box_markers(snap, stamp, namespace="query",
-                                           highlight={int(r.instance_id): float(r.score) for r in results},
-                                           frame_id=self.map_frame))
+        hits = {int(r.instance_id): float(r.score) for r in results}
+        self.pub_query.publish(box_markers(snap, stamp, namespace="query", highlight=hits, frame_id=self.map_frame,
+                                           boxes=self.pipeline.query_engine.boxes(snap, list(hits))))
         return response
 
     def _save(self, path: str) -> tuple[bool, str, int, int]:
