@@ -52,7 +52,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from langgs_ros.datasets import open_sequence
-    from langgs_ros.frames import KeyframeConfig, WindowConfig
+    from langgs_ros.frames import FrameBuffer, KeyframeConfig, WindowConfig
     from langgs_ros.persistence import save_map
     from langgs_ros.pipeline import MappingPipeline, PipelineConfig
 
@@ -84,26 +84,36 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.voxel_size:
         cfg.sparsify.base_voxel_size = args.voxel_size
     pipeline = MappingPipeline(cfg)
-    from langgs_ros.frames import FrameBuffer
 
     buf = FrameBuffer(cfg.keyframes, cfg.window)
-    windows = 0
+    windows = failed = 0
+
+    def process(window: list) -> None:
+        nonlocal windows, failed
+        try:
+            pipeline.process_window(window)
+            windows += 1
+        except ValueError as exc:  # an unusable window is skipped, the map is unchanged
+            failed += 1
+            print(f"[langgs] window {window[0].frame_id}..{window[-1].frame_id} skipped: {exc}", file=sys.stderr)
+
     with tqdm(total=len(indices), desc="mapping", unit="frame", disable=args.quiet) as bar:
         for frame in seq.frames(indices):
             buf.add(frame)
             bar.update(1)
             while buf.window_ready():
-                pipeline.process_window(buf.pop_window())
-                windows += 1
+                process(buf.pop_window())
                 bar.set_postfix(gaussians=pipeline.map.num_gaussians, instances=pipeline.map.num_instances)
         last = buf.pop_window(force=True)
         if last:
-            pipeline.process_window(last)
-            windows += 1
+            process(last)
+    if windows == 0:
+        print("[langgs] error: no window could be mapped", file=sys.stderr)
+        return 2
     snap = pipeline.snapshot()
     save_map(snap, args.out)
-    print(f"[langgs] {windows} windows, {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances "
-          f"-> {args.out}", file=sys.stderr)
+    print(f"[langgs] {windows} windows ({failed} skipped), {len(snap.gaussians)} Gaussians, "
+          f"{len(snap.instances)} instances -> {args.out}", file=sys.stderr)
     return 0
 
 
