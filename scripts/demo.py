@@ -102,8 +102,8 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
         client = client_node.create_client(FindObject, "/find_object")
         if not client.wait_for_service(timeout_sec=120):
             raise RuntimeError(f"mapping_node did not come up; see {log_path}")
-        while replay.pub_image.get_subscription_count() == 0:
-            time.sleep(0.1)
+        if not replay.wait_for_subscribers(120):
+            raise RuntimeError(f"mapping_node did not subscribe to all camera topics; see {log_path}")
         indices = list(range(len(seq)))
         if args.frames:
             indices = indices[slice(*[int(p) if p else None for p in args.frames.split(":")])]

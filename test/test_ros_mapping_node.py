@@ -47,6 +47,7 @@ def replay(spinning_executor, hololens_dir):
 
 
 def wait_subscribed(pub, timeout: float = 60.0) -> None:
+    """Wait until the node subscribed to ``pub``'s topic and (for the replay) to all its other topics."""
     deadline = time.monotonic() + timeout
     while pub.get_subscription_count() == 0:
         if time.monotonic() > deadline:
@@ -78,7 +79,7 @@ def test_maps_real_frames_publishes_gaussians_and_finds_objects(client, replay, 
     try:
         resp = find(client, "red backpack")
         assert not resp.success and resp.message == "map is empty"
-        wait_subscribed(replay.pub_image)
+        assert replay.wait_for_subscribers(60)
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -140,7 +141,7 @@ def test_bad_input_is_rejected_and_the_node_keeps_answering(client, replay, holo
 
     proc = start_node_process(node_params(hololens_dir), log_path=tmp_path / "node.log")
     try:
-        wait_subscribed(replay.pub_image)
+        assert replay.wait_for_subscribers(60)
         replay.run(rate=5.0, indices=BACKPACK_FRAMES[:5])
         before = client.diag.wait_idle(min_windows=1)
         t = replay.t0 + 100.0
@@ -184,7 +185,7 @@ def test_flood_keeps_memory_bounded_and_counts_drops(client, replay, hololens_di
     proc = start_node_process(node_params(hololens_dir, **{"queue.max_frames": 10, "window.size": 8}),
                               log_path=tmp_path / "node.log")
     try:
-        wait_subscribed(replay.pub_image)
+        assert replay.wait_for_subscribers(60)
         replay.run(rate=0, indices=list(range(0, 30)))  # warm up: the first windows allocate the map
         client.diag.wait_idle(min_windows=1)
         rss0 = process_rss_mb(proc.pid)
@@ -206,7 +207,7 @@ def test_flood_keeps_memory_bounded_and_counts_drops(client, replay, hololens_di
 def test_concurrent_queries_during_map_updates(client, replay, hololens_dir, tmp_path) -> None:
     proc = start_node_process(node_params(hololens_dir), log_path=tmp_path / "node.log")
     try:
-        wait_subscribed(replay.pub_image)
+        assert replay.wait_for_subscribers(60)
         replay.run(rate=5.0, indices=BACKPACK_FRAMES[:5])
         client.diag.wait_idle(min_windows=1)
         results: list = []
@@ -239,7 +240,7 @@ def test_save_load_bad_files_and_kill_restart_with_autosave(client, replay, holo
     params = node_params(hololens_dir, autosave_path=str(autosave), autosave_period=1.0)
     proc = start_node_process(params, log_path=tmp_path / "node.log")
     try:
-        wait_subscribed(replay.pub_image)
+        assert replay.wait_for_subscribers(60)
         replay.run(rate=5.0, indices=BACKPACK_FRAMES)
         values = client.diag.wait_idle(min_windows=2)
         n_inst = int(values["map_instances"])
@@ -296,7 +297,7 @@ def test_feedforward_backend_tiny_preset_end_to_end(client, replay, hololens_dir
     try:
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         client.create_subscription(PathMsg, "/mapping_node/camera_path", paths.append, qos)
-        wait_subscribed(replay.pub_image)
+        wait_subscribed(replay.pub_image)  # unposed, no depth: only colour (+labels)
         replay.run(rate=5.0, indices=BACKPACK_FRAMES[:8])
         values = client.diag.wait_idle(min_windows=1)
         assert int(values["map_gaussians"]) > 0 and int(values["map_instances"]) > 0

@@ -87,6 +87,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "camera_extrinsic_xyz": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame translation, m."),
     "camera_extrinsic_rpy": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame roll/pitch/yaw, rad."),
     "sync_tolerance": (0.05, "Max stamp difference (s) when matching colour, depth, labels and poses."),
+    "sync_timeout": (3.0, "s (wall clock) a colour image waits for its depth, labels and pose before it is dropped."),
     "backend": ("rgbd", "Reconstruction backend: rgbd or feedforward."),
     "semantic_source": ("labels", "Semantic source: labels (label image topic) or clip_sam."),
     "label_names_file": ("", "JSON with label id -> name (objects.json layout or a plain {id: name} map)."),
@@ -101,6 +102,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "max_gaussians": (2_000_000, "Bound of the map's Gaussian count (eviction policy: see fusion docs)."),
     "voxel_size": (0.02, "m; base voxel size of the geometric sparsification."),
     "queue.max_frames": (30, "Frames waiting for the worker; oldest dropped beyond."),
+    "queue.sync_frames": (40, "Colour/depth/label images buffered each while waiting for their partners."),
+    "queue.sensor_depth": (10, "History depth of the best-effort camera subscriptions (messages)."),
     "queue.max_windows": (2, "Windows waiting for the worker; oldest dropped (counted) beyond."),
     "publish.gaussians_period": (2.0, "s between ~/gaussians publications (only when the map changed)."),
     "publish.max_points": (2_000_000, "At most this many Gaussians per ~/gaussians message (highest opacity)."),
@@ -155,6 +158,7 @@ class MappingNode(Node):
         p = self._param
         self.map_frame: str = p("map_frame")
         self.sync_tol = float(p("sync_tolerance"))
+        self.sync_timeout = float(p("sync_timeout"))
         self.label_names = _load_label_names(p("label_names_file"))
         self.backend: str = p("backend")
         self.semantic_source: str = p("semantic_source")
@@ -165,9 +169,12 @@ class MappingNode(Node):
         self._errors: dict[str, int] = {}
         self._last_color_stamp: float | None = None
         self._lock = threading.Lock()
-        self._pending: deque[_Pending] = deque(maxlen=10)
-        self._depths: deque[tuple[float, np.ndarray]] = deque(maxlen=10)
-        self._labels: deque[tuple[float, np.ndarray]] = deque(maxlen=10)
+        # Partners wait in bounded buffers: callbacks of different topics can run seconds apart when the CPU is
+        # busy, so a colour image may be taken long after its depth/labels (sizes: ~40 frames, ~5 s at 8 Hz).
+        n_wait = int(p("queue.sync_frames"))
+        self._pending: deque[_Pending] = deque(maxlen=n_wait)
+        self._depths: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
+        self._labels: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
         self._odom: deque[tuple[float, np.ndarray]] = deque(maxlen=400)
         self._camera_info: tuple[np.ndarray, int, int] | None = None
         self.callback_cost = deque(maxlen=200)  # seconds per colour callback, for diagnostics/bench
@@ -196,7 +203,10 @@ class MappingNode(Node):
         self._srv_group = ReentrantCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
         self._save_group = MutuallyExclusiveCallbackGroup()
-        sd = qos_profile_sensor_data
+        # Sensor-data QoS (best effort, volatile) with a deeper history than the preset's 5: colour, depth and
+        # label images of one stamp arrive as separate messages and must all survive until they are matched.
+        sd = QoSProfile(depth=int(p("queue.sensor_depth")), reliability=qos_profile_sensor_data.reliability,
+                        durability=qos_profile_sensor_data.durability, history=HistoryPolicy.KEEP_LAST)
         self.create_subscription(Image, "image", self._on_image, sd, callback_group=self._sub_group)
         self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sd, callback_group=self._sub_group)
         if self.need_depth:
@@ -390,7 +400,7 @@ class MappingNode(Node):
         with self._lock:
             if self._camera_info is None and self.backend == "rgbd":
                 return
-            newest = self._pending[-1].stamp if self._pending else 0.0
+            now = time.monotonic()
             keep: deque[_Pending] = deque(maxlen=self._pending.maxlen)
             for pend in self._pending:
                 depth = self._nearest(self._depths, pend.stamp, self.sync_tol) if self.need_depth else None
@@ -400,8 +410,13 @@ class MappingNode(Node):
                             and (labels is not None or not self.need_labels)
                             and (pose is not None or self.pose_source == "none"))
                 if not complete:
-                    if newest - pend.stamp > 1.0:  # its partners will not come any more
-                        self._errors["unmatched_color"] = self._errors.get("unmatched_color", 0) + 1
+                    if now - pend.received > self.sync_timeout:  # its partners did not come in time
+                        missing = "+".join(n for n, v, need in (("depth", depth, self.need_depth),
+                                                                ("labels", labels, self.need_labels),
+                                                                ("pose", pose, self.pose_source != "none"))
+                                           if need and v is None)
+                        key = f"unmatched_color_no_{missing}"
+                        self._errors[key] = self._errors.get(key, 0) + 1
                     else:
                         keep.append(pend)
                     continue

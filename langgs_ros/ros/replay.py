@@ -77,6 +77,27 @@ class FolderReplay(Node):
         self.pub_odom = self.create_publisher(Odometry, "odom", 50)
         self.t0 = self.get_clock().now().nanoseconds * 1e-9
 
+    def wait_for_subscribers(self, timeout: float = 30.0) -> bool:
+        """Wait until every topic this sequence will publish has a subscriber (so no first frame is lost).
+
+        Returns False after ``timeout`` seconds.
+        """
+        pubs = [self.pub_image]
+        if self.seq.intrinsics is not None:
+            pubs.append(self.pub_info)
+        if any(p is not None for p in self.seq.depth_paths):
+            pubs.append(self.pub_depth)
+        if any(p is not None for p in self.seq.label_paths):
+            pubs.append(self.pub_labels)
+        if self.seq.poses is not None:
+            pubs.append(self.pub_odom)
+        deadline = time.monotonic() + timeout
+        while any(p.get_subscription_count() == 0 for p in pubs):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def odometry(self, world_from_camera: np.ndarray, t: float) -> Odometry:
         """``nav_msgs/Odometry`` of the camera at time ``t`` (s) in the z-up ``odom`` frame."""
         T = self.odom_from_world @ world_from_camera
@@ -201,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in seq.report:
                 print(f"[replay] {line}", flush=True)
             node = FolderReplay(seq, camera_frame=args.camera_frame)
-            deadline = time.monotonic() + args.wait_subscribers
-            while node.pub_image.get_subscription_count() == 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            node.wait_for_subscribers(args.wait_subscribers)
             n = node.run(args.rate)
         print(f"[replay] published {n} frames", flush=True)
     except KeyboardInterrupt:
