@@ -117,7 +117,8 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
             time.sleep(1.0)
             state = (diag.get("queued_frames"), diag.get("queued_windows"), diag.get("processed_windows"),
                      diag.get("map_version"))
-            idle = diag.get("queued_frames") == "0" and diag.get("queued_windows") == "0"
+            idle = (diag.get("queued_frames") == "0" and diag.get("queued_windows") == "0"
+                    and diag.get("pending_keyframes") == "0")
             stable = stable + 1 if (idle and state == last) else 0
             last = state
             if stable >= 4:  # idle and unchanged for 4 s (longer than window_period)

@@ -108,7 +108,7 @@ class DiagnosticsWatcher:
             last_count = self.count
             state = (self.get("processed_windows"), self.get("map_version"))
             idle = (self.get("queued_frames") == 0 and self.get("queued_windows") == 0
-                    and self.get("processed_windows") >= min_windows)
+                    and self.get("pending_keyframes") == 0 and self.get("processed_windows") >= min_windows)
             stable = stable + 1 if idle and state == last_state else 0
             last_state = state
             if stable >= stable_for:

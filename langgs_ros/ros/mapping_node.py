@@ -479,7 +479,7 @@ class MappingNode(Node):
             "queued_frames": qf, "queued_windows": qw, "dropped_frames": w.dropped_frames,
             "dropped_windows": w.dropped_windows, "rejected_frames": w.rejected_frames,
             "failed_windows": w.failed_windows, "processed_windows": w.processed_windows,
-            "keyframes": w.buffer.num_keyframes,
+            "keyframes": w.buffer.num_keyframes, "pending_keyframes": w.buffer.num_pending,
         }
         values.update({f"input_errors.{k}": v for k, v in self._errors.items()})
         if self.callback_cost:
