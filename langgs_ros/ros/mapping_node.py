@@ -27,6 +27,7 @@ Services: ``find_object`` (langgs_ros/srv/FindObject), ``~/save_map``, ``~/load_
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +212,17 @@ class MappingNode(Node):
         self.create_subscription(Image, "image", self._on_image, sd, callback_group=self._sub_group)
         self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sd, callback_group=self._sub_group)
         if self.need_depth:
-            self.create_subscription(Image, "depth", self._on_depth, sd, callback_group=self._sub_group)
+            self.create_subscription(Image, "depth", partial(self._on_partner, convert=image_to_depth,
+                                                             buffer=self._depths, kind="depth"),
+                                     sd, callback_group=self._sub_group)
         if self.need_labels:
-            self.create_subscription(Image, "labels", self._on_labels, sd, callback_group=self._sub_group)
+            self.create_subscription(Image, "labels", partial(self._on_partner, convert=image_to_labels,
+                                                              buffer=self._labels, kind="labels"),
+                                     sd, callback_group=self._sub_group)
         if self.pose_source == "odometry":
-            self.create_subscription(Odometry, "odom", self._on_odom, 50, callback_group=self._sub_group)
+            odom_pose = partial(self._on_partner, convert=lambda m: pose_to_matrix(m.pose.pose), buffer=self._odom,
+                                kind="odom")
+            self.create_subscription(Odometry, "odom", odom_pose, 50, callback_group=self._sub_group)
         self._tf_buffer = None
         if self.pose_source == "tf":
             import tf2_ros
@@ -337,43 +345,31 @@ class MappingNode(Node):
         self._match()
         self.callback_cost.append(time.perf_counter() - t0)
 
-    def _on_depth(self, msg: Image) -> None:
+    def _on_partner(self, msg: Any, convert: Any, buffer: deque, kind: str) -> None:
+        """Convert a depth, label or odometry message, buffer it by stamp and try to complete pending frames."""
         try:
-            depth = image_to_depth(msg)
+            value = convert(msg)
         except ConversionError as exc:
-            self._warn("depth", f"depth image dropped: {exc}")
+            self._warn(kind, f"{kind} message dropped: {exc}")
             return
         with self._lock:
-            self._depths.append((stamp_to_sec(msg.header.stamp), depth))
-        self._match()
-
-    def _on_labels(self, msg: Image) -> None:
-        try:
-            labels = image_to_labels(msg)
-        except ConversionError as exc:
-            self._warn("labels", f"label image dropped: {exc}")
-            return
-        with self._lock:
-            self._labels.append((stamp_to_sec(msg.header.stamp), labels))
-        self._match()
-
-    def _on_odom(self, msg: Odometry) -> None:
-        try:
-            T = pose_to_matrix(msg.pose.pose)
-        except ConversionError as exc:
-            self._warn("odom", f"odometry dropped: {exc}")
-            return
-        with self._lock:
-            self._odom.append((stamp_to_sec(msg.header.stamp), T))
+            buffer.append((stamp_to_sec(msg.header.stamp), value))
         self._match()
 
     @staticmethod
     def _nearest(items: deque, stamp: float, tol: float):
+        """Value whose stamp is nearest to ``stamp`` within ``tol`` s, or None.
+
+        ``items`` holds (stamp, value) in arrival order, which is stamp order for one publisher, so a binary
+        search finds the neighbours (O(log n) per lookup: this runs for every pending frame on every message).
+        """
+        i = bisect.bisect_left(items, stamp, key=lambda item: item[0])
         best, best_dt = None, tol
-        for t, value in items:
-            dt = abs(t - stamp)
-            if dt <= best_dt:
-                best, best_dt = value, dt
+        for j in (i - 1, i):
+            if 0 <= j < len(items):
+                dt = abs(items[j][0] - stamp)
+                if dt <= best_dt:
+                    best, best_dt = items[j][1], dt
         return best
 
     def _pose_for(self, stamp: float, camera_frame: str) -> np.ndarray | None:
@@ -595,6 +591,8 @@ class MappingNode(Node):
         self.worker.run_on_worker(reset)
         with self._lock:
             self._last_color_stamp = None
+            for buffer in (self._pending, self._depths, self._labels, self._odom):
+                buffer.clear()
         response.success, response.message = True, "map cleared"
         return response
 
