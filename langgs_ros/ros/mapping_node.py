@@ -188,6 +188,7 @@ class MappingNode(Node):
         self.worker = MappingWorker(
             self.pipeline, window_period=float(p("window_period")), max_queued_frames=int(p("queue.max_frames")),
             max_queued_windows=int(p("queue.max_windows")), on_error=self._worker_error,
+            on_update=self._worker_window_done,
         )
         self._published_version = -1
         self._saved_version = -1
@@ -312,6 +313,14 @@ class MappingNode(Node):
 
     def _worker_error(self, msg: str) -> None:
         self._warn("worker", msg)
+
+    def _worker_window_done(self, snapshot, stats) -> None:
+        """One line per processed window (worker thread; rclpy loggers are thread-safe)."""
+        self.get_logger().info(
+            f"window {self.worker.processed_windows}: {stats.num_frames} frames in {stats.t_total:.2f} s "
+            f"(reconstruct {stats.t_reconstruct:.2f}, semantics {stats.t_semantics:.2f}, "
+            f"gaussians {stats.t_gaussians:.2f}, fuse {stats.t_fuse:.2f}); map {stats.num_map_gaussians} "
+            f"Gaussians, {stats.num_instances} instances; dropped windows {self.worker.dropped_windows}")
 
     # ------------------------------------------------------------------------------------------ inputs
     def _on_camera_info(self, msg: CameraInfo) -> None:
