@@ -32,7 +32,7 @@ def next_domain_id() -> int:
     return 1 + (_DOMAIN_BASE + next(_domain_counter)) % 100
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hololens_dir() -> Path:
     """Path of the shared real RGB-D sequence; skips when ../shared is not beside the repo."""
     if not HOLOLENS.is_dir():
@@ -100,10 +100,8 @@ def spinning_executor(ros_context) -> Iterator[SpinningExecutor]:
 
 
 @pytest.fixture(scope="module")
-def hololens_seq():
+def hololens_seq(hololens_dir: Path):
     """The shared hololens sequence opened with :func:`langgs_ros.datasets.open_sequence` (module-scoped)."""
     from langgs_ros.datasets import open_sequence
 
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    return open_sequence(HOLOLENS)
+    return open_sequence(hololens_dir)

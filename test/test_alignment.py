@@ -8,7 +8,6 @@ the trajectory (unposed: up to one global Sim(3); with the ground-truth poses as
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +25,6 @@ from langgs_ros.reconstruction.alignment import (
     umeyama,
 )
 from langgs_ros.types import Frame
-
-HOLOLENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hololens_office"
 
 
 def random_sim3(rng: np.random.Generator, lo: float = 0.3, hi: float = 3.0) -> Sim3:
@@ -209,13 +206,8 @@ def test_sample_frame_geometry_backprojects() -> None:
 
 # ------------------------------------------------------------------------------------------------ WindowAligner
 @pytest.fixture(scope="module")
-def holo_frames() -> list[Frame]:
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    from langgs_ros.datasets import open_sequence
-
-    seq = open_sequence(HOLOLENS)
-    return list(seq.frames(range(0, 44), with_labels=False))
+def holo_frames(hololens_seq) -> list[Frame]:
+    return list(hololens_seq.frames(range(0, 44), with_labels=False))
 
 
 

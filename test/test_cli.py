@@ -21,13 +21,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def small_map(tmp_path_factory) -> Path:
-    from conftest import HOLOLENS
-
-    if not HOLOLENS.is_dir():
-        pytest.skip("shared data not found")
+def small_map(tmp_path_factory, hololens_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("cli") / "office.ply"
-    proc = run("map", "--rgbd", str(HOLOLENS), "--out", str(out), "--frames", "4:16", "--quiet")
+    proc = run("map", "--rgbd", str(hololens_dir), "--out", str(out), "--frames", "4:16", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "hololens layout" in proc.stderr and "Gaussians" in proc.stderr
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +30,6 @@ from langgs_ros.reconstruction.feedforward import (
 )
 from langgs_ros.types import Frame
 
-HOLOLENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hololens_office"
-
 
 def ate(a: np.ndarray, b: np.ndarray) -> float:
     """RMS distance between corresponding (N, 3) points."""
@@ -40,12 +37,8 @@ def ate(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def sequence():
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    from langgs_ros.datasets import open_sequence
-
-    return open_sequence(HOLOLENS)
+def sequence(hololens_seq):
+    return hololens_seq
 
 
 @pytest.fixture(scope="module")

@@ -288,15 +288,11 @@ def test_memory_layout_is_64_bytes_per_gaussian() -> None:
 # Real data: hololens_office with ground-truth depth, poses and labels
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hololens_16():
-    from _core_fixtures import HOLOLENS
-
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    meta = hololens_meta()
+def hololens_16(hololens_dir):
+    meta = hololens_meta(hololens_dir)
     n = len(meta["objects"])
     names = {o["id"]: o["name"] for o in meta["objects"]}
-    frames = load_hololens(range(16))
+    frames = load_hololens(range(16), hololens_dir)
     segs = [label_segmentation(f.labels, n, names) for f in frames]
     gs = [gaussians_from_depth(f.depth, f.rgb, f.K, f.pose, instance_ids=s.instance_ids) for f, s in zip(frames, segs)]
     return meta, frames, segs, gs

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _core_fixtures import HOLOLENS, hololens_meta, load_hololens
+from _core_fixtures import hololens_meta, load_hololens
 
 from langgs_ros.gaussians import GaussianInitConfig, gaussians_from_depth, gaussians_from_window
 from langgs_ros.geometry import quat_to_rotmat
@@ -195,13 +195,11 @@ def test_gaussians_from_window_resizes_images_and_labels() -> None:
     assert all((g.instance_ids == -1).all() for g in gaussians_from_window(rec, None))
 
 
-def test_real_floor_normals_point_up() -> None:
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    meta = hololens_meta()
+def test_real_floor_normals_point_up(hololens_dir) -> None:
+    meta = hololens_meta(hololens_dir)
     up = np.asarray(meta["up"])
     offset = meta["floor_plane"]["offset"]
-    fr = load_hololens([60])[0]  # a frame looking down at a large floor area
+    fr = load_hololens([60], hololens_dir)[0]  # a frame looking down at a large floor area
     g = gaussians_from_depth(fr.depth, fr.rgb, fr.K, fr.pose)
     p = g.means.double().numpy()
     floor = np.abs(p @ up + offset) < 0.02

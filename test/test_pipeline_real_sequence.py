@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from langgs_ros.datasets import open_sequence
 from langgs_ros.frames import FrameBuffer, KeyframeConfig, WindowConfig
 from langgs_ros.pipeline import MappingPipeline, PipelineConfig
 from langgs_ros.render import render_gaussians
@@ -33,12 +32,8 @@ def _run(pipeline: MappingPipeline, seq, indices: list[int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def mapped(request):
-    from conftest import HOLOLENS
-
-    if not HOLOLENS.is_dir():
-        pytest.skip(f"shared data not found at {HOLOLENS}")
-    seq = open_sequence(HOLOLENS)
+def mapped(request, hololens_seq):
+    seq = hololens_seq
     cfg = PipelineConfig(semantic_source="labels", up=tuple(seq.up), window=WindowConfig(size=8, overlap=2))
     cfg.semantic_args = {"label_names": seq.label_names}
     pipeline = MappingPipeline(cfg)

@@ -20,8 +20,6 @@ from langgs_ros.semantics.presets import build_sam_tiny, load_sam, resolve_sam_c
 from langgs_ros.semantics.text import OpenClipModel, load_open_clip_model
 from langgs_ros.types import NO_INSTANCE, Frame
 
-HOLOLENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hololens_office"
-
 
 @pytest.fixture(scope="module")
 def seq(hololens_seq) -> RGBDSequence:

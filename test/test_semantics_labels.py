@@ -20,8 +20,6 @@ from langgs_ros.semantics.labels import (
 from langgs_ros.semantics.text import MiniLMTextEncoder
 from langgs_ros.types import NO_INSTANCE, Frame
 
-HOLOLENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hololens_office"
-
 
 @pytest.fixture(scope="module")
 def seq(hololens_seq) -> RGBDSequence:
@@ -172,10 +170,11 @@ def test_bad_input(seq: RGBDSequence, encoder: MiniLMTextEncoder) -> None:
         LabelSemanticSource(text_encoder=encoder, min_pixels=0)
 
 
-def test_registry_and_names_file(seq: RGBDSequence, encoder: MiniLMTextEncoder) -> None:
-    names = load_label_names(HOLOLENS / "annotations" / "objects.json")
+def test_registry_and_names_file(seq: RGBDSequence, encoder: MiniLMTextEncoder, hololens_dir: Path) -> None:
+    names_file = hololens_dir / "annotations" / "objects.json"
+    names = load_label_names(names_file)
     assert names[1] == "sofa" and names[12] == "espresso machine" and len(names) == 15
-    src = make_semantic_source("labels", label_names=HOLOLENS / "annotations" / "objects.json", text_encoder=encoder)
+    src = make_semantic_source("labels", label_names=names_file, text_encoder=encoder)
     assert isinstance(src, LabelSemanticSource) and src.text_encoder is encoder
     frame = _frame(seq, "00031")
     frame.label_names = None

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -575,21 +576,20 @@ class MappingNode(Node):
         return True, f"loaded {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances from {path}", \
             len(snap.gaussians), len(snap.instances)
 
-    def _srv_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+    def _srv_map_file(self, request, response, action: Callable[[str], tuple[bool, str, int, int]]):
+        """Shared body of save_map/load_map: an empty request path means ``autosave_path``."""
         path = request.path or self._param("autosave_path")
         if not path:
             response.success, response.message = False, "no path given and autosave_path is not set"
             return response
-        response.success, response.message, response.num_gaussians, response.num_instances = self._save(path)
+        response.success, response.message, response.num_gaussians, response.num_instances = action(path)
         return response
 
+    def _srv_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+        return self._srv_map_file(request, response, self._save)
+
     def _srv_load_map(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
-        path = request.path or self._param("autosave_path")
-        if not path:
-            response.success, response.message = False, "no path given and autosave_path is not set"
-            return response
-        response.success, response.message, response.num_gaussians, response.num_instances = self._load(path)
-        return response
+        return self._srv_map_file(request, response, self._load)
 
     def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         def reset() -> None:
