@@ -176,6 +176,12 @@ def test_bad_input_is_rejected_and_the_node_keeps_answering(client, replay, holo
         assert not find(client, "").success
         long = find(client, "x" * 10_000)
         assert not long.success and "too long" in long.message
+        from langgs_ros.srv import LoadMap, SaveMap
+
+        for srv, name in ((SaveMap, "save_map"), (LoadMap, "load_map")):  # no path and no autosave_path
+            resp = call_service(client, srv, f"/mapping_node/{name}", srv.Request(path=""))
+            assert not resp.success and "autosave_path is not set" in resp.message
+        assert find(client, "red backpack").success
         assert proc.poll() is None
     finally:
         code = stop_process(proc)
