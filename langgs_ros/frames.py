@@ -140,6 +140,11 @@ class FrameBuffer:
         self.dropped = 0
 
     @property
+    def last_stamp(self) -> float | None:
+        """Stamp (s) of the last frame offered, or None after a reset."""
+        return self._last_stamp
+
+    @property
     def num_pending(self) -> int:
         """Keyframes waiting for the next window (not counting the overlap carried over)."""
         return len(self._pending)

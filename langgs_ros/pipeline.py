@@ -166,12 +166,19 @@ class MappingWorker:
         max_queued_frames: bound of the input deque (oldest frames dropped, counted in :attr:`dropped_frames`).
         on_update: called on the worker thread with (snapshot, stats) after each processed window.
         on_error: called on the worker thread with a message when a frame or window is rejected.
+        on_fault: called on the worker thread with (where, exception) for an unexpected exception (a bug or an
+            unforeseen input); the worker thread survives it and keeps the map.
+
+    A frame whose stamp is older than the previous frame's (a bag loop, a simulator reset) is a *time jump*: the
+    pending keyframes are processed as a partial window, the frame buffer is reset and mapping continues on the
+    new time line with the map kept (counted in :attr:`time_jumps`).
     """
 
     def __init__(self, pipeline: MappingPipeline, window_period: float = 5.0, max_queued_frames: int = 30,
                  max_queued_windows: int = 2,
                  on_update: Callable[[MapSnapshot, WindowStats], None] | None = None,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 on_fault: Callable[[str, BaseException], None] | None = None) -> None:
         self.pipeline = pipeline
         self.buffer = FrameBuffer(pipeline.config.keyframes, pipeline.config.window)
         self.window_period = float(window_period)
@@ -185,6 +192,7 @@ class MappingWorker:
         self._snapshot = pipeline.snapshot()
         self.on_update = on_update
         self.on_error = on_error
+        self.on_fault = on_fault
         self._last_window_time = time.monotonic()
         self._pending_commands: deque[Callable[[], None]] = deque()
         self.submitted = 0
@@ -193,6 +201,8 @@ class MappingWorker:
         self.rejected_frames = 0
         self.failed_windows = 0
         self.processed_windows = 0
+        self.time_jumps = 0
+        self.faults = 0
         self.last_stats: WindowStats | None = None
         self.busy = False
 
@@ -209,15 +219,23 @@ class MappingWorker:
     def run_on_worker(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
         """Run ``fn`` on the worker thread between windows (map edits: load, reset) and return its result.
 
+        A command that has not started within ``timeout`` seconds (the worker is busy with a long window) is
+        cancelled, so it never runs later behind the caller's back; one that has started is waited for.
+
         Raises:
-            TimeoutError: not run within ``timeout`` seconds; whatever ``fn`` raised otherwise.
+            TimeoutError: not started within ``timeout`` seconds (then it will not run); whatever ``fn`` raised.
         """
         if self._thread is None or not self._thread.is_alive():
             return fn()
         done = threading.Event()
         box: dict[str, Any] = {}
+        state = {"started": False, "cancelled": False}
 
         def call() -> None:
+            with self._cv:
+                if state["cancelled"]:
+                    return
+                state["started"] = True
             try:
                 box["result"] = fn()
             except BaseException as exc:  # propagated to the caller
@@ -229,7 +247,12 @@ class MappingWorker:
             self._pending_commands.append(call)
             self._cv.notify()
         if not done.wait(timeout):
-            raise TimeoutError("the mapping worker did not run the command in time")
+            with self._cv:
+                if not state["started"]:
+                    state["cancelled"] = True
+                    raise TimeoutError(f"the mapping worker is busy and did not start the command within "
+                                       f"{timeout} s; nothing was changed")
+            done.wait()
         if "error" in box:
             raise box["error"]
         return box.get("result")
@@ -305,7 +328,25 @@ class MappingWorker:
                 self._enqueue_window(w)
         self._process_windows()
 
+    def _fault(self, where: str, exc: BaseException) -> None:
+        self.faults += 1
+        log.exception("mapping worker: %s failed", where)
+        if self.on_fault is not None:
+            try:
+                self.on_fault(where, exc)
+            except Exception:  # a reporting callback must not kill the worker
+                log.exception("on_fault callback failed")
+
     def _offer(self, frame: Frame) -> None:
+        last = self.buffer.last_stamp
+        if last is not None and frame.stamp < last:
+            self.time_jumps += 1
+            self._error(f"time jump: frame stamp {frame.stamp:.3f} s is older than the previous {last:.3f} s; "
+                        "pending keyframes processed, frame buffer reset, map kept")
+            w = self.buffer.pop_window(force=True)
+            if w:
+                self._enqueue_window(w)
+            self.buffer.reset()
         try:
             self.buffer.add(frame)
         except FrameError as exc:
@@ -339,6 +380,10 @@ class MappingWorker:
                 self.failed_windows += 1
                 self._error(f"window of {len(window)} frames failed and was skipped: {exc}")
                 continue
+            except Exception as exc:  # an unforeseen error skips the window, never the worker
+                self.failed_windows += 1
+                self._fault("processing a window", exc)
+                continue
             finally:
                 with self._cv:
                     self.busy = False
@@ -362,10 +407,13 @@ class MappingWorker:
                 commands = list(self._pending_commands)
                 self._pending_commands.clear()
             for cmd in commands:
-                cmd()
-            due = (self.window_period > 0 and self.buffer.num_pending > 0
-                   and time.monotonic() - self._last_window_time >= self.window_period)
-            self._drain(force=due)
+                cmd()  # exceptions are returned to the caller of run_on_worker
+            try:
+                due = (self.window_period > 0 and self.buffer.num_pending > 0
+                       and time.monotonic() - self._last_window_time >= self.window_period)
+                self._drain(force=due)
+            except Exception as exc:  # the worker thread must survive anything
+                self._fault("the worker loop", exc)
 
 
 def camera_centers(snapshot: MapSnapshot) -> np.ndarray:

@@ -1,8 +1,15 @@
-"""``mapping_node``: camera stream in, semantic Gaussian map and ``/find_object`` out.
+"""``mapping_node``: camera stream in, semantic Gaussian map and ``/find_object`` out (a managed lifecycle node).
 
-Threading model: subscription callbacks only convert messages (cv_bridge / numpy) and hand matched frames to a
+Lifecycle (``rclpy.lifecycle``, as Nav2's servers): *configure* validates the parameters, loads the models and
+weights and starts the worker thread (and ``load_on_start``); *activate* creates the subscriptions, publishers,
+services, timers and the tf listener; *deactivate* destroys them (the map is kept); *cleanup* stops the worker and
+releases the models; an exception in a transition goes to the error transition, which releases everything and
+returns to *unconfigured*. With ``autostart`` (default) the node configures and activates itself.
+
+Threading model: subscription callbacks only convert messages and hand matched frames to a
 :class:`~langgs_ros.pipeline.MappingWorker`, whose single thread owns the device (GPU) and runs the pipeline per
-window. Services and publishers read immutable map snapshots, so they never wait for a window to finish.
+window. Services and publishers read immutable map snapshots. Every callback runs inside
+:meth:`~langgs_ros.ros.health.Health.guard`: nothing a peer sends ends the node.
 
 Topics (relative names, remap them in the launch file):
 
@@ -11,23 +18,26 @@ topic                     type                                         notes
 ========================  ===========================================  =========================================
 ``image``                 sensor_msgs/Image (rgb8, bgr8, rgba8, ...)   sensor-data QoS
 ``camera_info``           sensor_msgs/CameraInfo                       sensor-data QoS
-``depth``                 sensor_msgs/Image (16UC1 mm, 32FC1 m)        optional (``rgbd`` backend)
-``labels``                sensor_msgs/Image (16UC1/mono8/32SC1 ids)    optional (``labels`` semantic source)
+``depth``                 sensor_msgs/Image (16UC1 mm, 32FC1 m)        ``rgbd`` backend
+``labels``                sensor_msgs/Image (16UC1/mono8/32SC1 ids)    ``labels`` semantic source
 ``odom``                  nav_msgs/Odometry                            ``pose_source: odometry``
+``/tf``, ``/tf_static``   tf2_msgs/TFMessage                           ``pose_source: tf``
 ``~/gaussians``           sensor_msgs/PointCloud2                      reliable + transient local, rate-limited
 ``~/objects``             visualization_msgs/MarkerArray               reliable + transient local
+``~/detections``          vision_msgs/Detection3DArray                 object boxes, class name + score
 ``~/query_markers``       visualization_msgs/MarkerArray               last query's results
+``~/query_detections``    vision_msgs/Detection3DArray                 last query's results
 ``~/camera_path``         nav_msgs/Path                                reconstructed camera centres
-``/diagnostics``          diagnostic_msgs/DiagnosticArray              1 Hz
+``/diagnostics``          diagnostic_msgs/DiagnosticArray              1 Hz, also when not active
 ========================  ===========================================  =========================================
 
-Services: ``find_object`` (langgs_ros/srv/FindObject), ``~/save_map``, ``~/load_map`` (langgs_ros/srv),
-``~/reset`` (std_srvs/Trigger). Parameters: see ``config/mapping.yaml``.
+Services: ``find_object`` (langgs_ros/srv/FindObject), ``~/save_map``, ``~/load_map`` (langgs_ros/srv, names
+relative to ``map_dir``), ``~/reset`` (std_srvs/Trigger); the lifecycle services (``ros2 lifecycle``).
+Parameters: :mod:`langgs_ros.ros.parameters` and ``config/mapping.yaml``.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
@@ -35,10 +45,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +53,19 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Vector3
 from nav_msgs.msg import Odometry
-from nav_msgs.msg import Path as PathMsg
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
-from visualization_msgs.msg import MarkerArray
 
 from langgs_ros.msg import ObjectLocation
 from langgs_ros.ros.conversions import (
     ConversionError,
-    box_markers,
     camera_info_to_k,
     image_to_depth,
     image_to_labels,
@@ -70,273 +74,408 @@ from langgs_ros.ros.conversions import (
     pose_to_matrix,
     rotation_to_quaternion,
     sec_to_stamp,
-    snapshot_to_pointcloud2,
     stamp_to_sec,
     xyz_rpy_to_matrix,
 )
+from langgs_ros.ros.frame_sync import FrameSynchronizer, OdometryPoseBuffer
+from langgs_ros.ros.health import Health
+from langgs_ros.ros.outputs import MapPublishers
+from langgs_ros.ros.parameters import CONFIGURE, PARAMETERS, descriptor, resolve_device, validate
 from langgs_ros.srv import FindObject, LoadMap, SaveMap
 from langgs_ros.types import Frame, MapSnapshot
 
-MAX_QUERY_CHARS = 1000
-
-# name -> (default, description). Units in the descriptions. Mirrors config/mapping.yaml.
-PARAMETERS: dict[str, tuple[Any, str]] = {
-    "map_frame": ("map", "Frame of the published map and object poses (REP-105 map)."),
-    "camera_frame": ("", "Camera optical frame; empty = the image header's frame_id."),
-    "device": ("cpu", "Torch device of the pipeline: cpu, cuda, cuda:N."),
-    "pose_source": ("auto", "Camera poses: tf (tf2_ros lookup map_frame<-camera), odometry (odom topic + "
-                            "camera_extrinsic), none (unposed: feedforward backend), auto (tf if installed, "
-                            "else odometry)."),
-    "camera_extrinsic_xyz": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame translation, m."),
-    "camera_extrinsic_rpy": ([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame roll/pitch/yaw, rad."),
-    "sync_tolerance": (0.05, "Max stamp difference (s) when matching colour, depth, labels and poses."),
-    "sync_timeout": (3.0, "s (wall clock) a colour image waits for its depth, labels and pose before it is dropped."),
-    "backend": ("rgbd", "Reconstruction backend: rgbd or feedforward."),
-    "semantic_source": ("labels", "Semantic source: labels (label image topic) or clip_sam."),
-    "label_names_file": ("", "JSON with label id -> name (objects.json layout or a plain {id: name} map)."),
-    "window.size": (8, "Keyframes per reconstruction window."),
-    "window.overlap": (2, "Keyframes shared by consecutive windows."),
-    "window_period": (5.0, "s: a partial window is processed after this long without a full one (0 = never)."),
-    "keyframe.min_translation": (0.10, "m of camera motion that makes a keyframe."),
-    "keyframe.min_rotation": (0.14, "rad of camera rotation that makes a keyframe."),
-    "keyframe.min_image_change": (0.06, "Mean grey change in [0,1] that makes a keyframe (unposed)."),
-    "keyframe.max_interval": (5.0, "s after which a frame is a keyframe regardless of motion."),
-    "max_depth": (10.0, "m; depth beyond this is invalid."),
-    "max_gaussians": (2_000_000, "Bound of the map's Gaussian count (eviction policy: see fusion docs)."),
-    "voxel_size": (0.02, "m; base voxel size of the geometric sparsification."),
-    "queue.max_frames": (30, "Frames waiting for the worker; oldest dropped beyond."),
-    "queue.sync_frames": (40, "Colour/depth/label images buffered each while waiting for their partners."),
-    "queue.sensor_depth": (10, "History depth of the best-effort camera subscriptions (messages)."),
-    "queue.max_windows": (2, "Windows waiting for the worker; oldest dropped (counted) beyond."),
-    "publish.gaussians_period": (2.0, "s between ~/gaussians publications (only when the map changed)."),
-    "publish.max_points": (2_000_000, "At most this many Gaussians per ~/gaussians message (highest opacity)."),
-    "query.top_k": (5, "Default number of /find_object results."),
-    "query.min_score": (0.5, "Default minimum relevancy score in [0, 1]."),
-    "autosave_period": (0.0, "s between autosaves of a changed map (0 = off)."),
-    "autosave_path": ("", "Autosave .ply path (a sidecar is written beside it)."),
-    "load_on_start": (False, "Load autosave_path at start when it exists."),
-    "semantic.clip_model": ("ViT-B-16", "open_clip model name (clip_sam)."),
-    "semantic.clip_pretrained": ("laion2b_s34b_b88k", "open_clip pretrained tag or checkpoint path."),
-    "semantic.sam_model_type": ("vit_b", "segment-anything model type (vit_b, vit_l, vit_h)."),
-    "semantic.sam_checkpoint": ("", "segment-anything checkpoint path; empty = the download cache."),
-    "semantic.points_per_side": (16, "SAM automatic mask generator grid."),
-    "semantic.preset": ("full", "full (real weights) or tiny (random-init test models)."),
-    "feedforward.preset": ("vggt_1b", "VGGT preset: vggt_1b (released weights) or tiny."),
-    "feedforward.weights": ("", "VGGT checkpoint path or Hugging Face repo id; empty = default repo."),
-    "feedforward.image_width": (518, "px; model input width (multiple of 14; 518 for the released weights)."),
-    "feedforward.camera_info": ("replace", "With CameraInfo: replace predicted intrinsics (rescaling depth), "
-                                           "check (log the focal error) or ignore."),
-    "feedforward.allow_random_weights": (False, "Run a preset without weights (random init; tests/plumbing only)."),
-}
-
-
-@dataclass
-class _Pending:
-    stamp: float
-    frame_id: str
-    rgb: np.ndarray
-    received: float
+# Kept for importers of the old module-level constant; the limit is the parameter limits.max_query_chars.
+MAX_QUERY_CHARS = PARAMETERS["limits.max_query_chars"].default
 
 
 def _load_label_names(path: str) -> dict[int, str]:
+    """Label id -> name from an objects.json (``{"objects": [{"id", "name"}]}``) or a plain ``{id: name}`` file.
+
+    Raises:
+        OSError, ValueError: unreadable or malformed file.
+    """
     if not path:
         return {}
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and "objects" in data:
-        return {int(o["id"]): str(o["name"]) for o in data["objects"]}
-    return {int(k): str(v) for k, v in data.items()}
+    data = json.loads(Path(path).expanduser().read_text())
+    try:
+        if isinstance(data, dict) and "objects" in data:
+            return {int(o["id"]): str(o["name"]) for o in data["objects"]}
+        return {int(k): str(v) for k, v in data.items()}
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"label_names_file {path}: expected objects.json or {{id: name}}: {exc}") from exc
 
 
-class MappingNode(Node):
+class MappingNode(LifecycleNode):
     """The langgs_ros mapping node (see the module docstring for its interface).
 
     Args:
-        node_name: ROS node name; ``pipeline``: a prebuilt pipeline (tests), else built from parameters.
+        node_name: ROS node name.
+        pipeline: a prebuilt :class:`~langgs_ros.pipeline.MappingPipeline` used instead of building one from the
+            parameters on configure (tests, benchmarks).
     """
 
-    def __init__(self, node_name: str = "mapping_node", pipeline=None, **kwargs: Any) -> None:
+    def __init__(self, node_name: str = "mapping_node", pipeline: Any = None, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        for name, (default, desc) in PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=desc))
-        p = self._param
-        self.map_frame: str = p("map_frame")
-        self.sync_tol = float(p("sync_tolerance"))
-        self.sync_timeout = float(p("sync_timeout"))
-        self.label_names = _load_label_names(p("label_names_file"))
-        self.backend: str = p("backend")
-        self.semantic_source: str = p("semantic_source")
-        self.need_depth = self.backend == "rgbd"
-        self.need_labels = self.semantic_source == "labels"
-        self.pose_source = self._resolve_pose_source(p("pose_source"))
-        self.T_child_camera = xyz_rpy_to_matrix(list(p("camera_extrinsic_xyz")), list(p("camera_extrinsic_rpy")))
-        self._errors: dict[str, int] = {}
-        self._last_color_stamp: float | None = None
-        self._lock = threading.Lock()
-        # Partners wait in bounded buffers: callbacks of different topics can run seconds apart when the CPU is
-        # busy, so a colour image may be taken long after its depth/labels (sizes: ~40 frames, ~5 s at 8 Hz).
-        n_wait = int(p("queue.sync_frames"))
-        self._pending: deque[_Pending] = deque(maxlen=n_wait)
-        self._depths: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
-        self._labels: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
-        self._odom: deque[tuple[float, np.ndarray]] = deque(maxlen=400)
+        self.health = Health(self.get_logger())
+        self._declare_parameters()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+        self._given_pipeline = pipeline
+        self.pipeline = None
+        self.worker = None
+        self.sync: FrameSynchronizer | None = None
+        self._odom: OdometryPoseBuffer | None = None
+        self._tf = None
+        self._active_entities: list[tuple[str, Any]] = []
+        self._outputs: MapPublishers | None = None
         self._camera_info: tuple[np.ndarray, int, int] | None = None
-        self.callback_cost = deque(maxlen=200)  # seconds per colour callback, for diagnostics/bench
+        self._first_image_wall: float | None = None
         self._bridge = None
-
-        from langgs_ros.pipeline import MappingPipeline, MappingWorker
-
-        self.pipeline = pipeline if pipeline is not None else MappingPipeline(self._pipeline_config())
-        self.worker = MappingWorker(
-            self.pipeline, window_period=float(p("window_period")), max_queued_frames=int(p("queue.max_frames")),
-            max_queued_windows=int(p("queue.max_windows")), on_error=self._worker_error,
-            on_update=self._worker_window_done,
-        )
+        self._lock = threading.Lock()
+        self.world_frame: str = self._param("map_frame")
+        self.callback_cost: list[float] = []
         self._published_version = -1
         self._saved_version = -1
         self._last_gaussians_pub = 0.0
-
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
-        self.pub_gaussians = self.create_publisher(PointCloud2, "~/gaussians", latched)
-        self.pub_objects = self.create_publisher(MarkerArray, "~/objects", latched)
-        self.pub_query = self.create_publisher(MarkerArray, "~/query_markers", latched)
-        self.pub_path = self.create_publisher(PathMsg, "~/camera_path", latched)
+        self._map_files = None
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_group = MutuallyExclusiveCallbackGroup()
+        self.create_timer(1.0, self.health.guard("diagnostics", self._publish_diagnostics),
+                          callback_group=self._diag_group)
+        if self._param("autostart"):
+            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                self.trigger_activate()
 
-        self._sub_group = MutuallyExclusiveCallbackGroup()
-        self._srv_group = ReentrantCallbackGroup()
-        self._timer_group = MutuallyExclusiveCallbackGroup()
-        self._save_group = MutuallyExclusiveCallbackGroup()
-        # Sensor-data QoS (best effort, volatile) with a deeper history than the preset's 5: colour, depth and
-        # label images of one stamp arrive as separate messages and must all survive until they are matched.
-        sd = QoSProfile(depth=int(p("queue.sensor_depth")), reliability=qos_profile_sensor_data.reliability,
-                        durability=qos_profile_sensor_data.durability, history=HistoryPolicy.KEEP_LAST)
-        self.create_subscription(Image, "image", self._on_image, sd, callback_group=self._sub_group)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sd, callback_group=self._sub_group)
-        if self.need_depth:
-            self.create_subscription(Image, "depth", partial(self._on_partner, convert=image_to_depth,
-                                                             buffer=self._depths, kind="depth"),
-                                     sd, callback_group=self._sub_group)
-        if self.need_labels:
-            self.create_subscription(Image, "labels", partial(self._on_partner, convert=image_to_labels,
-                                                              buffer=self._labels, kind="labels"),
-                                     sd, callback_group=self._sub_group)
-        if self.pose_source == "odometry":
-            odom_pose = partial(self._on_partner, convert=lambda m: pose_to_matrix(m.pose.pose), buffer=self._odom,
-                                kind="odom")
-            self.create_subscription(Odometry, "odom", odom_pose, 50, callback_group=self._sub_group)
-        self._tf_buffer = None
-        if self.pose_source == "tf":
-            import tf2_ros
+    @property
+    def lifecycle_state(self) -> str:
+        """Label of the current lifecycle state (unconfigured, configuring, inactive, active, ...)."""
+        return self._state_machine.current_state[1]
 
-            self._tf_buffer = tf2_ros.Buffer()
-            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+    # ------------------------------------------------------------------------------------------ parameters
+    def _declare_parameters(self) -> None:
+        for name, spec in PARAMETERS.items():
+            d = descriptor(name, spec)
+            try:
+                self.declare_parameter(name, spec.default, d)
+            except Exception as exc:  # an invalid override (range/type) must not end the node
+                self.health.fault("parameter override", exc)
+                self.get_logger().error(f"parameter {name}: invalid value given ({exc}); using the default "
+                                        f"{spec.default!r}")
+                self.declare_parameter(name, spec.default, d, ignore_override=True)
 
-        self.create_service(FindObject, "find_object", self._srv_find_object, callback_group=self._srv_group)
-        self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=self._save_group)
-        self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=self._save_group)
-        self.create_service(Trigger, "~/reset", self._srv_reset, callback_group=self._save_group)
-
-        self.create_timer(0.2, self._publish_if_changed, callback_group=self._timer_group)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._timer_group)
-        period = float(p("autosave_period"))
-        if period > 0 and p("autosave_path"):
-            self.create_timer(period, self._autosave, callback_group=self._save_group)
-        if p("load_on_start") and p("autosave_path") and Path(p("autosave_path")).is_file():
-            ok, msg, _, _ = self._load(p("autosave_path"))
-            self._saved_version = self.worker.snapshot().version  # the file already holds this map
-            (self.get_logger().info if ok else self.get_logger().error)(f"load_on_start: {msg}")
-        self.worker.start()
-        self.get_logger().info(
-            f"mapping_node ready: backend={self.backend}, semantics={self.semantic_source}, "
-            f"pose_source={self.pose_source}, device={p('device')}, map_frame={self.map_frame}"
-        )
-
-    # ------------------------------------------------------------------------------------------ setup
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
 
+    def _params(self) -> dict[str, Any]:
+        return {name: self._param(name) for name in PARAMETERS}
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Refuse invalid values and configure-time parameters while configured (with the reason)."""
+        current = self._params()
+        current.update({p.name: p.value for p in params})
+        for p in params:
+            spec = PARAMETERS.get(p.name)
+            if spec is None:
+                continue
+            if spec.change == CONFIGURE and self.lifecycle_state not in ("unconfigured", "configuring"):
+                return SetParametersResult(successful=False, reason=(
+                    f"{p.name} is applied on configure; the node is {self.lifecycle_state}: deactivate and clean it "
+                    f"up first (ros2 lifecycle set {self.get_fully_qualified_name()} deactivate, then cleanup)"))
+            reason = validate(p.name, p.value, current)
+            if reason is not None:
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    def _after_set_parameters(self, params: list[Parameter]) -> None:
+        """Apply run-time parameters that live in objects (the others are read where they are used)."""
+        names = {p.name for p in params}
+        if self.sync is not None and names & {"sync_tolerance", "sync_timeout", "time_jump_threshold"}:
+            self.sync.tolerance = float(self._param("sync_tolerance"))
+            self.sync.timeout = float(self._param("sync_timeout"))
+            self.sync.jump_threshold = float(self._param("time_jump_threshold"))
+        if self.worker is not None:
+            kf = self.worker.buffer.keyframes
+            for n in names:
+                if n.startswith("keyframe."):
+                    setattr(kf, n.split(".", 1)[1], float(self._param(n)))
+            if "window_period" in names:
+                self.worker.window_period = float(self._param("window_period"))
+        if "query.top_k" in names and self.pipeline is not None:
+            self.pipeline.query_engine.config.top_k = int(self._param("query.top_k"))
+        if "query.min_score" in names and self.pipeline is not None:
+            self.pipeline.query_engine.config.min_score = float(self._param("query.min_score"))
+        if "autosave_period" in names and self.lifecycle_state == "active":
+            self._make_autosave_timer()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Validate parameters, build the pipeline (models, weights), start the worker; ERROR on failure."""
+        try:
+            self._configure()
+        except Exception as exc:  # reported, then the error transition releases everything
+            self.health.fault("configure", exc)
+            return TransitionCallbackReturn.ERROR
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        params = self._params()
+        for name, value in params.items():
+            reason = validate(name, value, params)
+            if reason is not None:
+                raise ValueError(f"invalid parameter: {reason}")
+        from langgs_ros.map_files import MapDirectory
+        from langgs_ros.pipeline import MappingPipeline, MappingWorker
+
+        self.label_names = _load_label_names(params["label_names_file"])
+        self.backend, self.semantic_source = params["backend"], params["semantic_source"]
+        self.need_depth = self.backend == "rgbd"
+        self.need_labels = self.semantic_source == "labels"
+        self.pose_source = self._resolve_pose_source(params["pose_source"])
+        if self.pose_source == "none" and self.backend == "rgbd":
+            raise ValueError("pose_source none (unposed) needs backend feedforward; rgbd needs poses")
+        self.T_child_camera = xyz_rpy_to_matrix(list(params["camera_extrinsic_xyz"]),
+                                                list(params["camera_extrinsic_rpy"]))
+        self.world_frame = params["map_frame"]
+        self._map_files = MapDirectory(Path(params["map_dir"]).expanduser(),
+                                       allow_any_path=bool(params["allow_any_path"]))
+        self.pipeline = (self._given_pipeline if self._given_pipeline is not None
+                         else MappingPipeline(self._pipeline_config(params)))
+        self.worker = MappingWorker(
+            self.pipeline, window_period=float(params["window_period"]),
+            max_queued_frames=int(params["queue.max_frames"]), max_queued_windows=int(params["queue.max_windows"]),
+            on_error=lambda msg: self.health.warn("worker", msg), on_update=self._worker_window_done,
+            on_fault=lambda where, exc: self.health.fault(where, exc),
+        )
+        partners = [k for k, need in (("depth", self.need_depth), ("labels", self.need_labels)) if need]
+        if self.pose_source == "odometry":
+            self._odom = OdometryPoseBuffer(self.T_child_camera, max_size=400)
+        self.sync = FrameSynchronizer(
+            partners, tolerance=float(params["sync_tolerance"]), timeout=float(params["sync_timeout"]),
+            max_pending=int(params["queue.sync_frames"]), max_partner_buffer=int(params["queue.sync_frames"]),
+            pose_provider=self._odom, need_pose=self.pose_source != "none",
+            jump_threshold=float(params["time_jump_threshold"]),
+        )
+        self._published_version = self._saved_version = -1
+        if params["load_on_start"] and params["autosave_path"]:
+            ok, msg, _, _ = self._load(params["autosave_path"])
+            if ok:
+                self._saved_version = self.worker.snapshot().version  # the file already holds this map
+            (self.get_logger().info if ok else self.get_logger().error)(f"load_on_start: {msg}")
+        self.worker.start()
+        self.get_logger().info(
+            f"configured: backend={self.backend}, semantics={self.semantic_source}, pose_source={self.pose_source}, "
+            f"device={self.pipeline.device}, map_frame={self.world_frame}, map_dir={self._map_files.root}")
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Create subscriptions, publishers, services, timers and the tf listener."""
+        try:
+            self._activate()
+        except Exception as exc:
+            self.health.fault("activate", exc)
+            self._deactivate()
+            return TransitionCallbackReturn.ERROR
+        self.get_logger().info("active")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _activate(self) -> None:
+        p = self._param
+        self._outputs = MapPublishers(self)
+        sub_group, srv_group = MutuallyExclusiveCallbackGroup(), ReentrantCallbackGroup()
+        timer_group, file_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        g = self.health.guard
+        # Sensor-data QoS (best effort, volatile) with a deeper history than the preset's 5: colour, depth and label
+        # images of one stamp arrive as separate messages and must all survive until they are matched.
+        sd = QoSProfile(depth=int(p("queue.sensor_depth")), reliability=qos_profile_sensor_data.reliability,
+                        durability=qos_profile_sensor_data.durability, history=HistoryPolicy.KEEP_LAST)
+        ent = self._active_entities
+        ent.append(("sub", self.create_subscription(Image, "image", g("image callback", self._on_image), sd,
+                                                    callback_group=sub_group)))
+        ent.append(("sub", self.create_subscription(CameraInfo, "camera_info",
+                                                    g("camera_info callback", self._on_camera_info), sd,
+                                                    callback_group=sub_group)))
+        if self.need_depth:
+            ent.append(("sub", self.create_subscription(
+                Image, "depth", g("depth callback", lambda m: self._on_partner_image(m, "depth", image_to_depth)),
+                sd, callback_group=sub_group)))
+        if self.need_labels:
+            ent.append(("sub", self.create_subscription(
+                Image, "labels", g("labels callback",
+                                   lambda m: self._on_partner_image(m, "labels", image_to_labels)),
+                sd, callback_group=sub_group)))
+        if self.pose_source == "odometry":
+            ent.append(("sub", self.create_subscription(Odometry, "odom", g("odom callback", self._on_odometry), 50,
+                                                        callback_group=sub_group)))
+        if self.pose_source == "tf":
+            from langgs_ros.ros.pose_sources import TfPoseSource
+
+            self._tf = TfPoseSource(self, self.world_frame)
+            self.sync.pose_provider = self._tf
+        ent.append(("srv", self.create_service(FindObject, "find_object",
+                                               g("find_object", self._srv_find_object, response_index=1),
+                                               callback_group=srv_group)))
+        ent.append(("srv", self.create_service(SaveMap, "~/save_map", g("save_map", self._srv_save_map, 1),
+                                               callback_group=file_group)))
+        ent.append(("srv", self.create_service(LoadMap, "~/load_map", g("load_map", self._srv_load_map, 1),
+                                               callback_group=file_group)))
+        ent.append(("srv", self.create_service(Trigger, "~/reset", g("reset", self._srv_reset, 1),
+                                               callback_group=file_group)))
+        ent.append(("timer", self.create_timer(0.2, g("publish", self._publish_if_changed),
+                                               callback_group=timer_group)))
+        ent.append(("timer", self.create_timer(0.1, g("sync timer", self._poll_sync), callback_group=sub_group)))
+        self._file_group = file_group
+        self._autosave_timer = None
+        self._make_autosave_timer()
+        self._published_version = -1  # new publishers: send the map again
+
+    def _make_autosave_timer(self) -> None:
+        if getattr(self, "_autosave_timer", None) is not None:
+            self.destroy_timer(self._autosave_timer)
+            self._autosave_timer = None
+        period = float(self._param("autosave_period"))
+        if period > 0 and self._param("autosave_path"):
+            self._autosave_timer = self.create_timer(period, self.health.guard("autosave", self._autosave),
+                                                     callback_group=self._file_group)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Destroy subscriptions, publishers, services, timers and the tf listener; the map is kept."""
+        self._deactivate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _deactivate(self) -> None:
+        for kind, entity in self._active_entities:
+            try:
+                {"sub": self.destroy_subscription, "srv": self.destroy_service,
+                 "timer": self.destroy_timer}[kind](entity)
+            except Exception as exc:
+                self.health.fault("deactivate", exc)
+        self._active_entities = []
+        if getattr(self, "_autosave_timer", None) is not None:
+            self.destroy_timer(self._autosave_timer)
+            self._autosave_timer = None
+        if self._outputs is not None:
+            self._outputs.destroy()
+            self._outputs = None
+        if self._tf is not None:
+            self._tf.close(self)
+            self._tf = None
+            if self.sync is not None:
+                self.sync.pose_provider = None
+        if self.sync is not None:
+            self.sync.reset()
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the worker and release the models (the map is dropped: save it first)."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.worker = self.pipeline = self.sync = self._odom = None
+        self._camera_info = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # best effort
+            pass
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release everything."""
+        self._deactivate()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Error transition: release everything and go back to unconfigured (configure can be retried)."""
+        self._deactivate()
+        self._release()
+        self.get_logger().error(f"error transition: released everything; last fault: {self.health.last_fault}")
+        return TransitionCallbackReturn.SUCCESS
+
+    # ------------------------------------------------------------------------------------------ setup helpers
     def _resolve_pose_source(self, requested: str) -> str:
-        if requested not in ("auto", "tf", "odometry", "none"):
-            self.get_logger().error(f"unknown pose_source {requested!r}; using auto")
-            requested = "auto"
         if requested in ("auto", "tf"):
             try:
                 import tf2_ros  # noqa: F401
+
                 return "tf"
             except ImportError:
                 if requested == "tf":
-                    self.get_logger().error("pose_source tf requested but tf2_ros is not installed; using odometry")
+                    raise ValueError("pose_source tf requested but tf2_ros is not installed") from None
                 return "odometry"
         return requested
 
-    def _pipeline_config(self):
+    def _pipeline_config(self, p: dict[str, Any]):
         from langgs_ros.frames import KeyframeConfig, WindowConfig
         from langgs_ros.pipeline import PipelineConfig
 
-        p = self._param
-        cfg = PipelineConfig(device=p("device"), backend=self.backend, semantic_source=self.semantic_source)
-        cfg.window = WindowConfig(size=int(p("window.size")), overlap=int(p("window.overlap")))
+        cfg = PipelineConfig(device=resolve_device(p["device"]), backend=self.backend,
+                             semantic_source=self.semantic_source)
+        cfg.window = WindowConfig(size=int(p["window.size"]), overlap=int(p["window.overlap"]))
         cfg.keyframes = KeyframeConfig(
-            min_translation=float(p("keyframe.min_translation")), min_rotation=float(p("keyframe.min_rotation")),
-            min_image_change=float(p("keyframe.min_image_change")), max_interval=float(p("keyframe.max_interval")),
+            min_translation=float(p["keyframe.min_translation"]), min_rotation=float(p["keyframe.min_rotation"]),
+            min_image_change=float(p["keyframe.min_image_change"]), max_interval=float(p["keyframe.max_interval"]),
         )
-        cfg.fusion.max_gaussians = int(p("max_gaussians"))
-        cfg.sparsify.base_voxel_size = float(p("voxel_size"))
-        cfg.query.top_k = int(p("query.top_k"))
-        cfg.query.min_score = float(p("query.min_score"))
+        cfg.fusion.max_gaussians = int(p["max_gaussians"])
+        cfg.sparsify.base_voxel_size = float(p["voxel_size"])
+        cfg.query.top_k = int(p["query.top_k"])
+        cfg.query.min_score = float(p["query.min_score"])
         if self.backend == "rgbd":
-            cfg.backend_args = {"max_depth": float(p("max_depth"))}
-        elif self.backend == "feedforward":
+            cfg.backend_args = {"max_depth": float(p["max_depth"])}
+        else:
             cfg.backend_args = {
-                "preset": p("feedforward.preset"), "image_width": int(p("feedforward.image_width")),
-                "camera_info": p("feedforward.camera_info"),
-                "allow_random_weights": bool(p("feedforward.allow_random_weights")),
+                "preset": p["feedforward.preset"], "image_width": int(p["feedforward.image_width"]),
+                "camera_info": p["feedforward.camera_info"],
+                "allow_random_weights": bool(p["feedforward.allow_random_weights"]),
             }
-            if p("feedforward.weights"):
-                cfg.backend_args["weights"] = p("feedforward.weights")
+            if p["feedforward.weights"]:
+                cfg.backend_args["weights"] = p["feedforward.weights"]
         if self.semantic_source == "labels":
             cfg.semantic_args = {"label_names": self.label_names or None}
-        elif self.semantic_source == "clip_sam":
+        else:
             cfg.semantic_args = {
-                "clip_model": p("semantic.clip_model"), "clip_pretrained": p("semantic.clip_pretrained"),
-                "sam_model_type": p("semantic.sam_model_type"),
-                "sam_checkpoint": p("semantic.sam_checkpoint") or None,
-                "points_per_side": int(p("semantic.points_per_side")), "preset": p("semantic.preset"),
+                "clip_model": p["semantic.clip_model"], "clip_pretrained": p["semantic.clip_pretrained"],
+                "sam_model_type": p["semantic.sam_model_type"],
+                "sam_checkpoint": p["semantic.sam_checkpoint"] or None,
+                "points_per_side": int(p["semantic.points_per_side"]), "preset": p["semantic.preset"],
             }
         return cfg
 
-    # ------------------------------------------------------------------------------------------ errors
-    def _warn(self, key: str, msg: str) -> None:
-        """Count an input problem and log it, throttled per problem kind (2 s)."""
-        self._errors[key] = self._errors.get(key, 0) + 1
-        self.get_logger().warning(f"{msg} [{key}: {self._errors[key]} so far]", throttle_duration_sec=2.0)
-
-    def _worker_error(self, msg: str) -> None:
-        self._warn("worker", msg)
-
-    def _worker_window_done(self, snapshot, stats) -> None:
+    def _worker_window_done(self, snapshot: MapSnapshot, stats: Any) -> None:
         """One line per processed window (worker thread; rclpy loggers are thread-safe)."""
+        w = self.worker
         self.get_logger().info(
-            f"window {self.worker.processed_windows}: {stats.num_frames} frames in {stats.t_total:.2f} s "
+            f"window {w.processed_windows}: {stats.num_frames} frames in {stats.t_total:.2f} s "
             f"(reconstruct {stats.t_reconstruct:.2f}, semantics {stats.t_semantics:.2f}, "
             f"gaussians {stats.t_gaussians:.2f}, fuse {stats.t_fuse:.2f}); map {stats.num_map_gaussians} "
-            f"Gaussians, {stats.num_instances} instances; dropped windows {self.worker.dropped_windows}")
+            f"Gaussians, {stats.num_instances} instances; dropped windows {w.dropped_windows}")
 
     # ------------------------------------------------------------------------------------------ inputs
+    def _check_size(self, msg: Image, kind: str) -> bool:
+        limit = int(self._param("limits.max_image_pixels"))
+        if int(msg.width) * int(msg.height) > limit:
+            self.health.warn(f"{kind}_too_large", f"{kind} image {msg.width}x{msg.height} exceeds "
+                                                  f"limits.max_image_pixels={limit}; dropped")
+            return False
+        return True
+
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
             self._camera_info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
         except ConversionError as exc:
-            self._warn("camera_info", f"CameraInfo ignored: {exc}")
+            self.health.warn("camera_info", f"CameraInfo ignored: {exc}")
 
     def _on_image(self, msg: Image) -> None:
         t0 = time.perf_counter()
-        stamp = stamp_to_sec(msg.header.stamp)
-        if self._last_color_stamp is not None and stamp < self._last_color_stamp:
-            self._warn("stamp_backwards", f"colour image stamp {stamp:.3f} s is older than the previous "
-                                          f"{self._last_color_stamp:.3f} s; dropped")
+        if not self._check_size(msg, "image"):
             return
+        if self._camera_info is None and self._first_image_wall is None:
+            self._first_image_wall = time.monotonic()
         try:
             if self._bridge is None:
                 from cv_bridge import CvBridge
@@ -344,113 +483,85 @@ class MappingNode(Node):
                 self._bridge = CvBridge()
             rgb = image_to_rgb(msg, self._bridge)
         except ConversionError as exc:
-            self._warn("image", f"colour image dropped: {exc}")
+            self.health.warn("image", f"colour image dropped: {exc}")
             return
-        self._last_color_stamp = stamp
         frame_id = self._param("camera_frame") or msg.header.frame_id
-        with self._lock:
-            if len(self._pending) == self._pending.maxlen:
-                self._errors["unmatched_color"] = self._errors.get("unmatched_color", 0) + 1
-            self._pending.append(_Pending(stamp, frame_id, rgb, time.monotonic()))
-        self._match()
+        self._sync_event(self.sync.add_primary(stamp_to_sec(msg.header.stamp), rgb, frame_id, time.monotonic()))
+        self._poll_sync()
         self.callback_cost.append(time.perf_counter() - t0)
+        del self.callback_cost[:-200]
 
-    def _on_partner(self, msg: Any, convert: Any, buffer: deque, kind: str) -> None:
-        """Convert a depth, label or odometry message, buffer it by stamp and try to complete pending frames."""
+    def _on_partner_image(self, msg: Image, kind: str, convert: Any) -> None:
+        if not self._check_size(msg, kind):
+            return
         try:
             value = convert(msg)
         except ConversionError as exc:
-            self._warn(kind, f"{kind} message dropped: {exc}")
+            self.health.warn(kind, f"{kind} message dropped: {exc}")
             return
-        with self._lock:
-            buffer.append((stamp_to_sec(msg.header.stamp), value))
-        self._match()
+        self._sync_event(self.sync.add_partner(kind, stamp_to_sec(msg.header.stamp), value, time.monotonic()))
+        self._poll_sync()
 
-    @staticmethod
-    def _nearest(items: deque, stamp: float, tol: float):
-        """Value whose stamp is nearest to ``stamp`` within ``tol`` s, or None.
+    def _on_odometry(self, msg: Odometry) -> None:
+        try:
+            T = pose_to_matrix(msg.pose.pose)
+        except (ConversionError, ValueError) as exc:
+            self.health.warn("odom", f"odometry message dropped: {exc}")
+            return
+        if not np.all(np.isfinite(T)):
+            self.health.warn("odom", "odometry message dropped: pose is not finite")
+            return
+        frame = msg.header.frame_id or self._param("map_frame")
+        if frame != self.world_frame:
+            if self.worker is not None and len(self.worker.snapshot().gaussians) > 0:
+                self.health.warn("odom_frame", f"odometry frame changed from {self.world_frame!r} to {frame!r}; "
+                                               "the map stays in the first one (reset to change it)")
+            else:
+                self.world_frame = frame  # REP-105: an odometry-posed map lives in the odometry frame
+        self._sync_event(self._odom.add(stamp_to_sec(msg.header.stamp), T, frame_id=frame,
+                                        child_frame_id=msg.child_frame_id))
+        self._poll_sync()
 
-        ``items`` holds (stamp, value) in arrival order, which is stamp order for one publisher, so a binary
-        search finds the neighbours (O(log n) per lookup: this runs for every pending frame on every message).
-        """
-        i = bisect.bisect_left(items, stamp, key=lambda item: item[0])
-        best, best_dt = None, tol
-        for j in (i - 1, i):
-            if 0 <= j < len(items):
-                dt = abs(items[j][0] - stamp)
-                if dt <= best_dt:
-                    best, best_dt = items[j][1], dt
-        return best
+    def _sync_event(self, event: Any) -> None:
+        """Log a time jump reported by the synchronizer (its buffers are already cleared; the map is kept)."""
+        if event is None:
+            return
+        self.health.warn("time_jumps", f"time jump: {event}; pending frames cleared, map kept")
 
-    def _pose_for(self, stamp: float, camera_frame: str) -> np.ndarray | None:
-        if self.pose_source == "none":
-            return None
-        if self.pose_source == "odometry":
-            T = self._nearest(self._odom, stamp, self.sync_tol)
-            return None if T is None else T @ self.T_child_camera
-        try:  # tf
-            from rclpy.time import Time as RclTime
+    def _poll_sync(self) -> None:
+        """Complete pending frames whose partners are final (or timed out) and submit them to the worker."""
+        if self.sync is None or self.worker is None:
+            return
+        now = time.monotonic()
+        if self._camera_info is None and self.backend == "rgbd":
+            return  # frames wait (bounded by queue.sync_frames) and diagnostics say why
+        for m in self.sync.poll(now):
+            frame = self._make_frame(m)
+            if frame is not None:
+                self.worker.submit(frame)
 
-            tf = self._tf_buffer.lookup_transform(self.map_frame, camera_frame, RclTime(seconds=stamp))
-            t, q = tf.transform.translation, tf.transform.rotation
-            from geometry_msgs.msg import Point, Pose, Quaternion
-
-            return pose_to_matrix(Pose(position=Point(x=t.x, y=t.y, z=t.z),
-                                       orientation=Quaternion(x=q.x, y=q.y, z=q.z, w=q.w)))
-        except Exception:  # tf2 raises several lookup exceptions; the frame waits or is dropped
-            return None
-
-    def _match(self) -> None:
-        """Pair pending colour images with depth, labels, CameraInfo and poses by stamp; submit complete frames."""
-        ready: list[Frame] = []
-        with self._lock:
-            if self._camera_info is None and self.backend == "rgbd":
-                return
-            now = time.monotonic()
-            keep: deque[_Pending] = deque(maxlen=self._pending.maxlen)
-            for pend in self._pending:
-                depth = self._nearest(self._depths, pend.stamp, self.sync_tol) if self.need_depth else None
-                labels = self._nearest(self._labels, pend.stamp, self.sync_tol) if self.need_labels else None
-                pose = self._pose_for(pend.stamp, pend.frame_id)
-                complete = ((depth is not None or not self.need_depth)
-                            and (labels is not None or not self.need_labels)
-                            and (pose is not None or self.pose_source == "none"))
-                if not complete:
-                    if now - pend.received > self.sync_timeout:  # its partners did not come in time
-                        missing = "+".join(n for n, v, need in (("depth", depth, self.need_depth),
-                                                                ("labels", labels, self.need_labels),
-                                                                ("pose", pose, self.pose_source != "none"))
-                                           if need and v is None)
-                        key = f"unmatched_color_no_{missing}"
-                        self._errors[key] = self._errors.get(key, 0) + 1
-                    else:
-                        keep.append(pend)
-                    continue
-                K = None
-                if self._camera_info is not None:
-                    K, w, h = self._camera_info
-                    if (w, h) != (pend.rgb.shape[1], pend.rgb.shape[0]):
-                        self._warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
-                                                    f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
-                        continue
-                if depth is not None and depth.shape != pend.rgb.shape[:2]:
-                    self._warn("size_mismatch", f"depth is {depth.shape[1]}x{depth.shape[0]} but the image is "
-                                                f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
-                    continue
-                if labels is not None and labels.shape != pend.rgb.shape[:2]:
-                    self._warn("size_mismatch", "label image size differs from the colour image; frame dropped")
-                    continue
-                ready.append(Frame(rgb=pend.rgb, stamp=pend.stamp, frame_id=pend.frame_id, depth=depth,
-                                   intrinsics=K, world_from_camera=pose, labels=labels,
-                                   label_names=self.label_names or None))
-            self._pending = keep
-        for f in ready:
-            self.worker.submit(f)
+    def _make_frame(self, m: Any) -> Frame | None:
+        rgb = m.primary
+        K = None
+        if self._camera_info is not None:
+            K, w, h = self._camera_info
+            if (w, h) != (rgb.shape[1], rgb.shape[0]):
+                self.health.warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
+                                                  f"{rgb.shape[1]}x{rgb.shape[0]}; frame dropped")
+                return None
+        depth, labels = m.partners.get("depth"), m.partners.get("labels")
+        for name, arr in (("depth", depth), ("labels", labels)):
+            if arr is not None and arr.shape != rgb.shape[:2]:
+                self.health.warn("size_mismatch", f"{name} is {arr.shape[1]}x{arr.shape[0]} but the image is "
+                                                  f"{rgb.shape[1]}x{rgb.shape[0]}; frame dropped")
+                return None
+        return Frame(rgb=rgb, stamp=m.stamp, frame_id=m.frame_id, depth=depth, intrinsics=K,
+                     world_from_camera=m.world_from_camera, labels=labels, label_names=self.label_names or None)
 
     # ------------------------------------------------------------------------------------------ outputs
     def _publish_if_changed(self) -> None:
         snap = self.worker.snapshot()
-        if snap.version == self._published_version:
+        if snap.version == self._published_version or self._outputs is None:
             return
         now = time.monotonic()
         if now - self._last_gaussians_pub < float(self._param("publish.gaussians_period")):
@@ -458,12 +569,8 @@ class MappingNode(Node):
         self._last_gaussians_pub = now
         self._published_version = snap.version
         stamp = self.get_clock().now().to_msg()
-        self.pub_gaussians.publish(snapshot_to_pointcloud2(self._limit_points(snap), stamp, self.map_frame))
-        self.pub_objects.publish(box_markers(snap, stamp, frame_id=self.map_frame))
-        path = PathMsg(header=Header(stamp=stamp, frame_id=self.map_frame))
-        for c in np.asarray(snap.camera_positions).reshape(-1, 3):
-            path.poses.append(pose_stamped(c, 0.0, stamp, self.map_frame))
-        self.pub_path.publish(path)
+        boxes = self.pipeline.query_engine.boxes(snap, [int(i) for i in snap.instances.ids])
+        self._outputs.publish_map(snap, self._limit_points(snap), boxes, stamp, self.world_frame)
 
     def _limit_points(self, snap: MapSnapshot) -> MapSnapshot:
         limit = int(self._param("publish.max_points"))
@@ -476,32 +583,64 @@ class MappingNode(Node):
                            up=snap.up, frame_id=snap.frame_id, camera_positions=snap.camera_positions,
                            floor_height=snap.floor_height, stamp=snap.stamp, version=snap.version)
 
-    def _publish_diagnostics(self) -> None:
-        snap = self.worker.snapshot()
+    def _diagnostic_values(self) -> tuple[int, str, dict[str, Any]]:
+        h = self.health
+        values: dict[str, Any] = {"lifecycle_state": self.lifecycle_state, "map_frame": self.world_frame}
+        level, message = DiagnosticStatus.OK, "ok"
         w = self.worker
-        qf, qw = w.queue_depth
-        values = {
-            "map_gaussians": len(snap.gaussians), "map_instances": len(snap.instances), "map_version": snap.version,
-            "queued_frames": qf, "queued_windows": qw, "dropped_frames": w.dropped_frames,
-            "dropped_windows": w.dropped_windows, "rejected_frames": w.rejected_frames,
-            "failed_windows": w.failed_windows, "processed_windows": w.processed_windows,
-            "keyframes": w.buffer.num_keyframes, "pending_keyframes": w.buffer.num_pending,
-        }
-        values.update({f"input_errors.{k}": v for k, v in self._errors.items()})
+        if w is not None:
+            snap = w.snapshot()
+            qf, qw = w.queue_depth
+            values.update({
+                "map_gaussians": len(snap.gaussians), "map_instances": len(snap.instances),
+                "map_version": snap.version, "queued_frames": qf, "queued_windows": qw,
+                "dropped_frames": w.dropped_frames, "dropped_windows": w.dropped_windows,
+                "rejected_frames": w.rejected_frames, "failed_windows": w.failed_windows,
+                "processed_windows": w.processed_windows, "keyframes": w.buffer.num_keyframes,
+                "worker_time_jumps": w.time_jumps, "worker_faults": w.faults,
+                "pending_keyframes": w.buffer.num_pending,
+            })
+            st = w.last_stats
+            if st is not None:
+                values.update({"t_reconstruct_s": round(st.t_reconstruct, 4),
+                               "t_semantics_s": round(st.t_semantics, 4),
+                               "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4)})
+            if w.dropped_windows:
+                level, message = DiagnosticStatus.WARN, "dropping windows"
+        if self.sync is not None:
+            values.update({f"sync.{k}": v for k, v in self.sync.counters().items()})
+            values["pending_frames"] = self.sync.pending_count
+        if self._tf is not None:
+            values.update({"tf_lookups": self._tf.lookups, "tf_lookup_failures": self._tf.failures})
+            if self._tf.last_error:
+                values["tf_last_error"] = self._tf.last_error
+        values.update({f"input_errors.{k}": v for k, v in h.warnings.items()})
+        values.update({f"faults.{k}": v for k, v in h.faults.items()})
+        if h.warnings and level == DiagnosticStatus.OK:
+            level, message = DiagnosticStatus.WARN, "input errors (see input_errors.*)"
+        if (self.lifecycle_state == "active" and self._camera_info is None and self._first_image_wall is not None
+                and time.monotonic() - self._first_image_wall > float(self._param("camera_info_timeout"))):
+            level = max(level, DiagnosticStatus.WARN)
+            message = (f"no CameraInfo received for {time.monotonic() - self._first_image_wall:.0f} s: colour "
+                       f"frames wait (at most queue.sync_frames={self._param('queue.sync_frames')})")
         if self.callback_cost:
             values["image_callback_ms_mean"] = round(1e3 * float(np.mean(self.callback_cost)), 3)
-        st = w.last_stats
-        if st is not None:
-            values.update({"t_reconstruct_s": round(st.t_reconstruct, 4), "t_semantics_s": round(st.t_semantics, 4),
-                           "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4)})
-        import torch
+        if self.pipeline is not None and self.pipeline.device.type == "cuda":
+            import torch
 
-        dev = self.pipeline.device
-        if dev.type == "cuda":
-            values["device_memory_mb"] = round(torch.cuda.memory_allocated(dev) / 2**20, 1)
-        level = DiagnosticStatus.WARN if (w.dropped_windows or self._errors) else DiagnosticStatus.OK
-        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: mapping", hardware_id=str(dev),
-                                  message="dropping windows" if w.dropped_windows else "ok",
+            values["device_memory_mb"] = round(torch.cuda.memory_allocated(self.pipeline.device) / 2**20, 1)
+        if h.recent_fault:
+            level, message = DiagnosticStatus.ERROR, h.last_fault
+            values["last_fault"] = h.last_fault
+        if self.lifecycle_state not in ("active", "inactive") and level != DiagnosticStatus.ERROR:
+            level, message = DiagnosticStatus.WARN, f"not active ({self.lifecycle_state})"
+        return level, message, values
+
+    def _publish_diagnostics(self) -> None:
+        level, message, values = self._diagnostic_values()
+        dev = str(self.pipeline.device) if self.pipeline is not None else "none"
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: mapping", hardware_id=dev,
+                                  message=message[:500],
                                   values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         self.pub_diag.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
@@ -510,61 +649,72 @@ class MappingNode(Node):
         snap = self.worker.snapshot()
         response.map_stamp = sec_to_stamp(snap.stamp)
         query = request.query
+        max_chars, max_neg = int(self._param("limits.max_query_chars")), int(self._param("limits.max_negatives"))
+        negatives = [n for n in request.negatives if n.strip()]
+        error = None
         if not query.strip():
-            response.success, response.message = False, "query is empty"
-            return response
-        if len(query) > MAX_QUERY_CHARS:
-            response.success = False
-            response.message = f"query is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})"
-            return response
-        if len(snap.instances) == 0:
-            response.success, response.message = False, "map is empty"
-            return response
-        if not 0.0 <= request.min_score <= 1.0 or not math.isfinite(request.min_score):
-            response.success, response.message = False, f"min_score must be in [0, 1], got {request.min_score}"
+            error = "query is empty"
+        elif len(query) > max_chars:
+            error = f"query is too long ({len(query)} characters; at most {max_chars}: limits.max_query_chars)"
+        elif len(negatives) > max_neg:
+            error = f"too many negatives ({len(negatives)}; at most {max_neg}: limits.max_negatives)"
+        elif any(len(n) > max_chars for n in negatives):
+            error = f"a negative phrase is longer than {max_chars} characters"
+        elif not math.isfinite(request.min_score) or not 0.0 <= request.min_score <= 1.0:
+            error = f"min_score must be in [0, 1], got {request.min_score}"
+        elif request.max_results < 0:
+            error = f"max_results must be >= 0, got {request.max_results}"
+        elif len(snap.instances) == 0:
+            error = "map is empty"
+        if error is not None:
+            response.success, response.message = False, error
             return response
         try:
             results = self.pipeline.query_engine.query(
                 snap, query, top_k=int(request.max_results) or None, min_score=float(request.min_score) or None,
-                negatives=[n for n in request.negatives if n.strip()],
+                negatives=negatives,
             )
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
         stamp = self.get_clock().now().to_msg()
+        frame = self.world_frame
         for r in results:
-            pose = pose_stamped(r.centroid, 0.0, stamp, self.map_frame, snap.up)
+            pose = pose_stamped(r.centroid, 0.0, stamp, frame, snap.up)
             pose.pose.orientation = rotation_to_quaternion(r.box_rotation)
             response.objects.append(ObjectLocation(
                 instance_id=int(r.instance_id), label=r.name or query, score=float(r.score), pose=pose,
                 size=Vector3(x=float(r.size[0]), y=float(r.size[1]), z=float(r.size[2])),
                 num_gaussians=int(r.num_gaussians),
-                approach_pose=pose_stamped(r.approach_position, r.approach_yaw, stamp, self.map_frame, snap.up),
+                approach_pose=pose_stamped(r.approach_position, r.approach_yaw, stamp, frame, snap.up),
             ))
         response.success = True
         response.message = f"{len(results)} object(s) for {query!r}" if results else f"no object matches {query!r}"
         hits = {int(r.instance_id): float(r.score) for r in results}
-        self.pub_query.publish(box_markers(snap, stamp, namespace="query", highlight=hits, frame_id=self.map_frame,
-                                           boxes=self.pipeline.query_engine.boxes(snap, list(hits))))
+        if self._outputs is not None:
+            names = {int(r.instance_id): r.name or query for r in results}
+            self._outputs.publish_query(snap, hits, names, self.pipeline.query_engine.boxes(snap, list(hits)), stamp,
+                                        frame)
         return response
 
-    def _save(self, path: str) -> tuple[bool, str, int, int]:
-        from langgs_ros.persistence import save_map
+    def _save(self, name: str) -> tuple[bool, str, int, int]:
+        from langgs_ros.map_files import MapFileError
 
         snap = self.worker.snapshot()
         try:
-            save_map(snap, path)
-        except (OSError, ValueError) as exc:
+            path = self._map_files.save(snap, name)
+        except (MapFileError, OSError, ValueError) as exc:
             return False, f"save failed: {exc}", 0, 0
         return True, f"saved {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances to {path}", \
             len(snap.gaussians), len(snap.instances)
 
-    def _load(self, path: str) -> tuple[bool, str, int, int]:
-        from langgs_ros.persistence import load_map
+    def _load(self, name: str) -> tuple[bool, str, int, int]:
+        from langgs_ros.map_files import MapFileError
 
         try:
-            snap = load_map(path, expected_encoder_id=self.pipeline.text_encoder.encoder_id)
-        except (OSError, ValueError) as exc:
+            snap, path = self._map_files.load(name, expected_encoder_id=self.pipeline.text_encoder.encoder_id,
+                                              max_bytes=int(self._param("limits.max_map_file_bytes")))
+        except (MapFileError, OSError, ValueError) as exc:
             return False, f"load failed, map unchanged: {exc}", 0, 0
 
         def replace() -> None:
@@ -572,17 +722,23 @@ class MappingNode(Node):
             self.worker.buffer.reset()
             self.worker.publish_snapshot()
 
-        self.worker.run_on_worker(replace)
+        try:
+            self.worker.run_on_worker(replace, timeout=float(self._param("limits.worker_command_timeout")))
+        except TimeoutError as exc:
+            return False, f"load failed, map unchanged: {exc}", 0, 0
+        with self._lock:
+            if self.sync is not None:
+                self.sync.reset()
         return True, f"loaded {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances from {path}", \
             len(snap.gaussians), len(snap.instances)
 
-    def _srv_map_file(self, request, response, action: Callable[[str], tuple[bool, str, int, int]]):
+    def _srv_map_file(self, request: Any, response: Any, action: Any) -> Any:
         """Shared body of save_map/load_map: an empty request path means ``autosave_path``."""
-        path = request.path or self._param("autosave_path")
-        if not path:
+        name = request.path or self._param("autosave_path")
+        if not name:
             response.success, response.message = False, "no path given and autosave_path is not set"
             return response
-        response.success, response.message, response.num_gaussians, response.num_instances = action(path)
+        response.success, response.message, response.num_gaussians, response.num_instances = action(name)
         return response
 
     def _srv_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
@@ -597,11 +753,16 @@ class MappingNode(Node):
             self.worker.buffer.reset()
             self.worker.publish_snapshot()
 
-        self.worker.run_on_worker(reset)
-        with self._lock:
-            self._last_color_stamp = None
-            for buffer in (self._pending, self._depths, self._labels, self._odom):
-                buffer.clear()
+        try:
+            self.worker.run_on_worker(reset, timeout=float(self._param("limits.worker_command_timeout")))
+        except TimeoutError as exc:
+            response.success, response.message = False, f"reset failed, map unchanged: {exc}"
+            return response
+        self.sync.reset()
+        if self._odom is not None:
+            self._odom.reset()
+        if self.pose_source == "odometry":
+            self.world_frame = self._param("map_frame")
         response.success, response.message = True, "map cleared"
         return response
 
@@ -614,11 +775,12 @@ class MappingNode(Node):
             self._saved_version = snap.version
             self.get_logger().info(f"autosave: {msg}")
         else:
-            self._warn("autosave", msg)
+            self.health.warn("autosave", msg)
 
     def destroy_node(self) -> None:
         """Stop the worker thread, then destroy the node."""
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         super().destroy_node()
 
 

@@ -59,15 +59,33 @@ class FolderReplay(Node):
 
     Args:
         sequence: the opened folder; ``camera_frame``: optical frame id; ``odom_frame``: odometry frame id.
-        stamp_offset: seconds added to dataset stamps (0 = use the node clock's current time at start).
+        publish_tf: also publish the poses as tf (REP-105), with tf2_ros' broadcasters: ``/tf``
+            ``odom_frame -> base_frame`` per frame and ``/tf_static`` ``base_frame -> camera_frame``
+            (``base_from_camera``) plus, when ``map_from_odom`` is given, ``map_frame -> odom_frame``.
+        base_from_camera: (4, 4) camera optical frame in the robot base frame (identity when None).
+        map_from_odom: (4, 4) static ``map <- odom`` transform to publish (localisation's correction), or None.
     """
 
     def __init__(self, sequence: RGBDSequence, camera_frame: str = "camera_color_optical_frame",
-                 odom_frame: str = "odom", node_name: str = "langgs_replay", **kwargs) -> None:
+                 odom_frame: str = "odom", node_name: str = "langgs_replay", publish_tf: bool = False,
+                 base_frame: str = "base_link", base_from_camera: np.ndarray | None = None,
+                 map_frame: str = "map", map_from_odom: np.ndarray | None = None, **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         self.seq = sequence
         self.camera_frame = camera_frame
         self.odom_frame = odom_frame
+        self.base_frame = base_frame
+        self.base_from_camera = np.eye(4) if base_from_camera is None else np.asarray(base_from_camera, float)
+        self.tf_broadcaster = None
+        if publish_tf:
+            import tf2_ros
+
+            self.tf_broadcaster = tf2_ros.TransformBroadcaster(self)
+            self.tf_static = tf2_ros.StaticTransformBroadcaster(self)
+            statics = [self._transform(self.base_from_camera, base_frame, camera_frame, 0.0)]
+            if map_from_odom is not None:
+                statics.append(self._transform(np.asarray(map_from_odom, float), map_frame, odom_frame, 0.0))
+            self.tf_static.sendTransform(statics)
         self.odom_from_world = gravity_alignment(sequence.up)
         sd = qos_profile_sensor_data
         self.pub_image = self.create_publisher(Image, "image", sd)
@@ -108,13 +126,31 @@ class FolderReplay(Node):
                               orientation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
         return odom
 
+    @staticmethod
+    def _transform(parent_from_child: np.ndarray, parent: str, child: str, t: float):
+        from geometry_msgs.msg import TransformStamped
+
+        q = Rotation.from_matrix(parent_from_child[:3, :3]).as_quat()  # x, y, z, w
+        msg = TransformStamped(header=Header(stamp=sec_to_stamp(t), frame_id=parent), child_frame_id=child)
+        tr = msg.transform
+        tr.translation.x, tr.translation.y, tr.translation.z = (float(v) for v in parent_from_child[:3, 3])
+        tr.rotation.x, tr.rotation.y, tr.rotation.z, tr.rotation.w = (float(v) for v in q)
+        return msg
+
+    def stamp_of(self, i: int) -> float:
+        """Published stamp (s) of frame ``i``."""
+        return self.t0 + float(self.seq.stamps[i] - self.seq.stamps[0])
+
     def publish_frame(self, i: int) -> float:
-        """Publish frame ``i`` (odometry first, then camera info, depth, labels and colour); returns its stamp."""
+        """Publish frame ``i`` (odometry/tf first, then camera info, depth, labels and colour); returns its stamp."""
         f = self.seq.frame(i)
-        t = self.t0 + float(self.seq.stamps[i] - self.seq.stamps[0])
+        t = self.stamp_of(i)
         header = Header(stamp=sec_to_stamp(t), frame_id=self.camera_frame)
         if f.world_from_camera is not None:
             self.pub_odom.publish(self.odometry(f.world_from_camera, t))
+            if self.tf_broadcaster is not None:
+                odom_from_base = self.odom_from_world @ f.world_from_camera @ np.linalg.inv(self.base_from_camera)
+                self.tf_broadcaster.sendTransform(self._transform(odom_from_base, self.odom_frame, self.base_frame, t))
         if f.intrinsics is not None:
             K = f.intrinsics
             info = CameraInfo(header=header, height=f.height, width=f.width, distortion_model="plumb_bob",

@@ -1,0 +1,88 @@
+"""Camera pose look-ups of the mapping node through tf2 (``pose_source: tf``) and odometry extrinsics.
+
+A robot publishes ``map -> odom`` (localisation), ``odom -> base_link`` (odometry) on ``/tf`` and
+``base_link -> camera_*_optical_frame`` on ``/tf_static`` (REP-105). The node needs ``map_frame <- camera optical
+frame`` at each image stamp: :class:`TfPoseSource` asks tf2 for it without blocking the callback and says whether
+the frame should wait (the transform for that stamp has not arrived yet) or is lost (older than tf's cache,
+frames not connected), with tf2's own reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from langgs_ros.ros.frame_sync import PoseLookup
+
+
+def transform_to_matrix(transform: Any) -> np.ndarray:
+    """(4, 4) float64 matrix of a ``geometry_msgs/Transform`` (target_from_source: maps source-frame points into
+    the target frame)."""
+    from scipy.spatial.transform import Rotation
+
+    t, q = transform.translation, transform.rotation
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()  # scipy: scalar-last (x, y, z, w)
+    T[:3, 3] = (t.x, t.y, t.z)
+    return T
+
+
+class TfPoseSource:
+    """``world_from_camera`` at an image stamp from tf2 (``tf2_ros.Buffer`` + ``TransformListener``).
+
+    Args:
+        node: the rclpy node the listener subscribes with (``/tf``, ``/tf_static``).
+        target_frame: the map frame (``map_frame``).
+        cache_time: seconds of tf history kept.
+    """
+
+    def __init__(self, node: Any, target_frame: str, cache_time: float = 30.0) -> None:
+        import tf2_ros
+        from rclpy.duration import Duration
+
+        self.target_frame = target_frame
+        self.buffer = tf2_ros.Buffer(cache_time=Duration(seconds=cache_time))
+        self.listener = tf2_ros.TransformListener(self.buffer, node, spin_thread=False)
+        self.lookups = 0
+        self.failures = 0
+        self.last_error = ""
+
+    def lookup(self, target: str, source: str, stamp: float | None) -> np.ndarray:
+        """``target_from_source`` (4, 4) at ``stamp`` seconds (None: the latest).
+
+        Raises:
+            tf2_ros.TransformException: (LookupException, ConnectivityException, ExtrapolationException) as tf2.
+        """
+        from rclpy.time import Time
+
+        t = Time() if stamp is None else Time(nanoseconds=round(stamp * 1e9))
+        return transform_to_matrix(self.buffer.lookup_transform(target, source, t).transform)
+
+    def pose_at(self, stamp: float, camera_frame: str) -> PoseLookup:
+        """``map_frame <- camera_frame`` at ``stamp``: ready, wait (not yet in tf: later data can still complete
+        it) or failed (tf2's reason)."""
+        import tf2_ros
+
+        self.lookups += 1
+        try:
+            return PoseLookup("ready", self.lookup(self.target_frame, camera_frame, stamp))
+        except tf2_ros.ExtrapolationException as exc:
+            reason = str(exc)
+            if "future" in reason:  # the transform for this stamp is still to come
+                return PoseLookup("wait", None, reason)
+            self._fail(reason)
+            return PoseLookup("failed", None, reason)
+        except tf2_ros.TransformException as exc:  # unknown or unconnected frames: they may still appear
+            return PoseLookup("wait", None, f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+
+    def close(self, node: Any) -> None:
+        """Unsubscribe the listener from ``/tf`` and ``/tf_static``."""
+        try:
+            self.listener.unregister()
+        except Exception:  # tf2_ros versions differ; destroying the subscriptions is best effort
+            pass
