@@ -175,7 +175,10 @@ class MappingWorker:
         self.pipeline = pipeline
         self.buffer = FrameBuffer(pipeline.config.keyframes, pipeline.config.window)
         self.window_period = float(window_period)
-        self._frames: deque[Frame] = deque(maxlen=max(1, max_queued_frames))
+        # (time-line epoch, frame): the epoch travels with every frame, so a time jump is never lost to eviction
+        self._frames: deque[tuple[int, Frame]] = deque(maxlen=max(1, max_queued_frames))
+        self._epoch = 0  # producer side: incremented by time_jump()
+        self._buffer_epoch = 0  # worker side: the epoch of the frames in self.buffer
         self._windows: deque[list[Frame]] = deque()
         self.max_queued_windows = max(1, max_queued_windows)
         self._cv = threading.Condition()
@@ -193,6 +196,7 @@ class MappingWorker:
         self.rejected_frames = 0
         self.failed_windows = 0
         self.processed_windows = 0
+        self.time_jumps = 0
         self.last_stats: WindowStats | None = None
         self.busy = False
 
@@ -202,9 +206,20 @@ class MappingWorker:
         with self._cv:
             if len(self._frames) == self._frames.maxlen:
                 self.dropped_frames += 1
-            self._frames.append(frame)
+            self._frames.append((self._epoch, frame))
             self.submitted += 1
             self._cv.notify()
+
+    def time_jump(self) -> None:
+        """Stamps jumped back (bag loop, simulator reset): frames submitted from now on start a new time line.
+
+        The map is kept. On the worker thread, in submission order, the keyframes of the old time line still
+        pending are mapped as (short) windows and the keyframe buffer forgets its stamps
+        (:meth:`FrameBuffer.on_time_jump`), so frames with the new, older stamps are accepted instead of rejected.
+        Counted in :attr:`time_jumps` when the worker reaches it. O(1), never blocks on the pipeline.
+        """
+        with self._cv:
+            self._epoch += 1
 
     def run_on_worker(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
         """Run ``fn`` on the worker thread between windows (map edits: load, reset) and return its result.
@@ -297,7 +312,12 @@ class MappingWorker:
                 self._frames.clear()
             if not frames:
                 break
-            for f in frames:
+            for epoch, f in frames:
+                if epoch != self._buffer_epoch:
+                    self._buffer_epoch = epoch
+                    self.time_jumps += 1
+                    for w in self.buffer.on_time_jump():
+                        self._enqueue_window(w)
                 self._offer(f)
         if force:
             w = self.buffer.pop_window(force=True)
