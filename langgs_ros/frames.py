@@ -177,7 +177,7 @@ class FrameBuffer:
 
         Raises:
             FrameError: invalid frame (see :func:`validate_frame`), or a stamp older than the last frame's
-                (stamps going backwards, e.g. a replayed bag restarting: call :meth:`reset` to accept it).
+                (stamps going backwards, e.g. a replayed bag restarting: call :meth:`on_time_jump` to accept it).
         """
         frame = validate_frame(frame)
         if self._last_stamp is not None and frame.stamp < self._last_stamp:
@@ -221,6 +221,28 @@ class FrameBuffer:
         window = (self._carry + new)[-self.window.size:]
         self._carry = window[len(window) - self.window.overlap:] if self.window.overlap > 0 else []
         return window
+
+    def on_time_jump(self) -> list[list[Frame]]:
+        """Stamps jumped back (a bag loop, a simulator reset): close the old time line and accept the new one.
+
+        The keyframes still pending are returned as (possibly short) windows, so nothing received before the
+        jump is lost; then the last stamp, the last keyframe and the overlap are forgotten, so the next frame is a
+        keyframe and starts a fresh window (frames of two time lines never share a window: after a loop or a
+        reset the camera is somewhere else). Counters are kept.
+
+        Returns:
+            The windows of the pending keyframes, oldest first (empty when none were pending).
+        """
+        windows = []
+        while self._pending:
+            w = self.pop_window(force=True)
+            if w:
+                windows.append(w)
+        self._carry = []
+        self._last_key = None
+        self._last_thumb = None
+        self._last_stamp = None
+        return windows
 
     def reset(self) -> None:
         """Forget all state (pending keyframes, overlap, last stamp); counters are kept."""

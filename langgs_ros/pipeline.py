@@ -169,9 +169,7 @@ class MappingWorker:
         on_fault: called on the worker thread with (where, exception) for an unexpected exception (a bug or an
             unforeseen input); the worker thread survives it and keeps the map.
 
-    A frame whose stamp is older than the previous frame's (a bag loop, a simulator reset) is a *time jump*: the
-    pending keyframes are processed as a partial window, the frame buffer is reset and mapping continues on the
-    new time line with the map kept (counted in :attr:`time_jumps`).
+    A jump back in stamps (a bag loop, a simulator reset) is signalled by the producer with :meth:`time_jump`.
     """
 
     def __init__(self, pipeline: MappingPipeline, window_period: float = 5.0, max_queued_frames: int = 30,
@@ -182,7 +180,10 @@ class MappingWorker:
         self.pipeline = pipeline
         self.buffer = FrameBuffer(pipeline.config.keyframes, pipeline.config.window)
         self.window_period = float(window_period)
-        self._frames: deque[Frame] = deque(maxlen=max(1, max_queued_frames))
+        # (time-line epoch, frame): the epoch travels with every frame, so a time jump is never lost to eviction
+        self._frames: deque[tuple[int, Frame]] = deque(maxlen=max(1, max_queued_frames))
+        self._epoch = 0  # producer side: incremented by time_jump()
+        self._buffer_epoch = 0  # worker side: the epoch of the frames in self.buffer
         self._windows: deque[list[Frame]] = deque()
         self.max_queued_windows = max(1, max_queued_windows)
         self._cv = threading.Condition()
@@ -212,9 +213,20 @@ class MappingWorker:
         with self._cv:
             if len(self._frames) == self._frames.maxlen:
                 self.dropped_frames += 1
-            self._frames.append(frame)
+            self._frames.append((self._epoch, frame))
             self.submitted += 1
             self._cv.notify()
+
+    def time_jump(self) -> None:
+        """Stamps jumped back (bag loop, simulator reset): frames submitted from now on start a new time line.
+
+        The map is kept. On the worker thread, in submission order, the keyframes of the old time line still
+        pending are mapped as (short) windows and the keyframe buffer forgets its stamps
+        (:meth:`FrameBuffer.on_time_jump`), so frames with the new, older stamps are accepted instead of rejected.
+        Counted in :attr:`time_jumps` when the worker reaches it. O(1), never blocks on the pipeline.
+        """
+        with self._cv:
+            self._epoch += 1
 
     def run_on_worker(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
         """Run ``fn`` on the worker thread between windows (map edits: load, reset) and return its result.
@@ -320,7 +332,12 @@ class MappingWorker:
                 self._frames.clear()
             if not frames:
                 break
-            for f in frames:
+            for epoch, f in frames:
+                if epoch != self._buffer_epoch:
+                    self._buffer_epoch = epoch
+                    self.time_jumps += 1
+                    for w in self.buffer.on_time_jump():
+                        self._enqueue_window(w)
                 self._offer(f)
         if force:
             w = self.buffer.pop_window(force=True)
@@ -338,15 +355,6 @@ class MappingWorker:
                 log.exception("on_fault callback failed")
 
     def _offer(self, frame: Frame) -> None:
-        last = self.buffer.last_stamp
-        if last is not None and frame.stamp < last:
-            self.time_jumps += 1
-            self._error(f"time jump: frame stamp {frame.stamp:.3f} s is older than the previous {last:.3f} s; "
-                        "pending keyframes processed, frame buffer reset, map kept")
-            w = self.buffer.pop_window(force=True)
-            if w:
-                self._enqueue_window(w)
-            self.buffer.reset()
         try:
             self.buffer.add(frame)
         except FrameError as exc:

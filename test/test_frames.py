@@ -106,3 +106,56 @@ def test_window_config_validation() -> None:
         WindowConfig(size=0)
     with pytest.raises(ValueError):
         WindowConfig(size=4, overlap=4)
+
+
+def test_time_jump_flushes_pending_keyframes_and_accepts_older_stamps() -> None:
+    buf = FrameBuffer(KeyframeConfig(min_translation=0.0, min_rotation=0.0), WindowConfig(size=4, overlap=1))
+    for i in range(6):
+        buf.add(frame(100.0 + i, x=float(i)))
+    assert [f.stamp for f in buf.pop_window()] == [100, 101, 102, 103]
+    flushed = buf.on_time_jump()  # a bag loop: the pending keyframes 104, 105 are mapped with their overlap
+    assert [[f.stamp for f in w] for w in flushed] == [[103, 104, 105]]
+    assert buf.num_pending == 0 and buf.on_time_jump() == []
+    windows = []
+    for i in range(4):  # the new time line: older stamps accepted; the first window starts fresh (no carry)
+        assert buf.add(frame(1.0 + i, x=float(i)))
+        while buf.window_ready():
+            windows.append([f.stamp for f in buf.pop_window()])
+    assert windows == [[1, 2, 3, 4]]
+    assert buf.num_received == 10 and buf.num_keyframes == 10
+
+
+def test_worker_time_jump_keeps_the_map_and_maps_the_new_time_line() -> None:
+    """MappingWorker.time_jump with the real pipeline (rgbd backend, labels source over a fixed text table)."""
+    import torch
+    from _core_fixtures import FixedTextEncoder
+
+    from langgs_ros.pipeline import MappingPipeline, MappingWorker, PipelineConfig
+    from langgs_ros.semantics.labels import LabelSemanticSource
+
+    cfg = PipelineConfig(keyframes=KeyframeConfig(min_translation=0.0, min_rotation=0.0),
+                         window=WindowConfig(size=2, overlap=0))
+    encoder = FixedTextEncoder({"box": torch.tensor([1.0, 0.0, 0.0])})
+    pipeline = MappingPipeline(cfg, semantic_source=LabelSemanticSource({1: "box"}, text_encoder=encoder))
+
+    def labelled(t: float, x: float) -> Frame:
+        f = frame(t, x=x, h=48, w=64)
+        f.intrinsics = np.array([[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]])
+        f.labels = np.zeros((48, 64), np.int32)
+        f.labels[10:30, 20:40] = 1
+        return f
+
+    worker = MappingWorker(pipeline, window_period=0.0, max_queued_frames=10, max_queued_windows=10)
+    worker.start()
+    try:
+        for i in range(3):  # windows [100, 101]; 102 stays pending
+            worker.submit(labelled(100.0 + i, 0.3 * i))
+        worker.time_jump()
+        for i in range(2):  # stamps restart: without the jump these would be rejected as older
+            worker.submit(labelled(1.0 + i, 0.3 * i + 2.0))
+        worker.flush()
+        assert worker.time_jumps == 1 and worker.rejected_frames == 0 and worker.failed_windows == 0
+        assert worker.processed_windows == 3  # [100, 101], [102] (flushed at the jump), [1, 2]
+        assert worker.snapshot().camera_positions.shape[0] == 5  # the map kept every frame of both time lines
+    finally:
+        worker.stop()
