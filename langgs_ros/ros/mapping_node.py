@@ -77,7 +77,7 @@ from langgs_ros.ros.conversions import (
     stamp_to_sec,
     xyz_rpy_to_matrix,
 )
-from langgs_ros.ros.frame_sync import FrameSynchronizer, OdometryPoseBuffer
+from langgs_ros.ros.frame_sync import FrameSynchronizer, OdometryPoseBuffer, StampOrderError, TimeJump
 from langgs_ros.ros.health import Health
 from langgs_ros.ros.outputs import MapPublishers
 from langgs_ros.ros.parameters import CONFIGURE, PARAMETERS, descriptor, resolve_device, validate
@@ -193,6 +193,8 @@ class MappingNode(LifecycleNode):
             self.sync.tolerance = float(self._param("sync_tolerance"))
             self.sync.timeout = float(self._param("sync_timeout"))
             self.sync.jump_threshold = float(self._param("time_jump_threshold"))
+            if self._odom is not None:
+                self._odom.tolerance = self.sync.tolerance
         if self.worker is not None:
             kf = self.worker.buffer.keyframes
             for n in names:
@@ -246,15 +248,22 @@ class MappingNode(LifecycleNode):
             on_error=lambda msg: self.health.warn("worker", msg), on_update=self._worker_window_done,
             on_fault=lambda where, exc: self.health.fault(where, exc),
         )
-        partners = [k for k, need in (("depth", self.need_depth), ("labels", self.need_labels)) if need]
+        # Stamp matching (frame_sync): a partner is final only when exact, bracketed by a later message of its
+        # topic, or at the timeout. CameraInfo is a stamp-matched partner of the rgbd backend (frames without one
+        # wait, bounded by queue.sync_frames, and are counted unmatched_no_camera_info).
+        self.need_camera_info = self.backend == "rgbd"
+        partners = [n for n, need in (("depth", self.need_depth), ("labels", self.need_labels),
+                                      ("camera_info", self.need_camera_info)) if need]
+        self._odom = None
         if self.pose_source == "odometry":
-            self._odom = OdometryPoseBuffer(self.T_child_camera, max_size=400)
+            self._odom = OdometryPoseBuffer(self.T_child_camera, tolerance=float(params["sync_tolerance"]),
+                                            max_samples=1000, jump_threshold=float(params["time_jump_threshold"]))
         self.sync = FrameSynchronizer(
             partners, tolerance=float(params["sync_tolerance"]), timeout=float(params["sync_timeout"]),
-            max_pending=int(params["queue.sync_frames"]), max_partner_buffer=int(params["queue.sync_frames"]),
-            pose_provider=self._odom, need_pose=self.pose_source != "none",
-            jump_threshold=float(params["time_jump_threshold"]),
+            max_pending=int(params["queue.sync_frames"]), max_partner_buffer=max(2, int(params["queue.sync_frames"])),
+            pose_provider=self._odom, jump_threshold=float(params["time_jump_threshold"]),
         )
+        self._last_unmatched_reason = ""
         self._published_version = self._saved_version = -1
         if params["load_on_start"] and params["autosave_path"]:
             ok, msg, _, _ = self._load(params["autosave_path"])
@@ -466,9 +475,13 @@ class MappingNode(LifecycleNode):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
-            self._camera_info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
+            info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
         except ConversionError as exc:
             self.health.warn("camera_info", f"CameraInfo ignored: {exc}")
+            return
+        self._camera_info = info  # the latest (feedforward uses it when present)
+        if self.need_camera_info:
+            self._add_partner("camera_info", stamp_to_sec(msg.header.stamp), info)
 
     def _on_image(self, msg: Image) -> None:
         t0 = time.perf_counter()
@@ -486,7 +499,13 @@ class MappingNode(LifecycleNode):
             self.health.warn("image", f"colour image dropped: {exc}")
             return
         frame_id = self._param("camera_frame") or msg.header.frame_id
-        self._sync_event(self.sync.add_primary(stamp_to_sec(msg.header.stamp), rgb, frame_id, time.monotonic()))
+        try:
+            with self._lock:
+                jump = self.sync.add_primary(stamp_to_sec(msg.header.stamp), rgb, frame_id, time.monotonic())
+        except (StampOrderError, ValueError) as exc:
+            self.health.warn("stamp_backwards", f"colour image dropped: {exc}")
+            return
+        self._on_time_jump(jump)
         self._poll_sync()
         self.callback_cost.append(time.perf_counter() - t0)
         del self.callback_cost[:-200]
@@ -499,52 +518,70 @@ class MappingNode(LifecycleNode):
         except ConversionError as exc:
             self.health.warn(kind, f"{kind} message dropped: {exc}")
             return
-        self._sync_event(self.sync.add_partner(kind, stamp_to_sec(msg.header.stamp), value, time.monotonic()))
+        self._add_partner(kind, stamp_to_sec(msg.header.stamp), value)
+
+    def _add_partner(self, kind: str, stamp: float, value: Any) -> None:
+        try:
+            with self._lock:
+                jump = self.sync.add_partner(kind, stamp, value, time.monotonic())
+        except ValueError as exc:
+            self.health.warn(kind, f"{kind} message dropped: {exc}")
+            return
+        if jump is not None:
+            self.health.warn(f"time_jumps_{kind}", f"{kind} stamps jumped back {jump.jump:.3f} s; its buffer "
+                                                   "restarted")
         self._poll_sync()
 
     def _on_odometry(self, msg: Odometry) -> None:
+        frame = msg.header.frame_id or self._param("map_frame")
         try:
             T = pose_to_matrix(msg.pose.pose)
+            with self._lock:
+                if frame != self.world_frame:
+                    if self.worker is not None and len(self.worker.snapshot().gaussians) > 0:
+                        self.health.warn("odom_frame", f"odometry frame {frame!r} differs from the map's "
+                                                       f"{self.world_frame!r}; message dropped (reset to change)")
+                        return
+                    self.world_frame = frame  # REP-105: an odometry-posed map lives in the odometry frame
+                self._odom.add(stamp_to_sec(msg.header.stamp), T, frame_id=frame, child_frame_id=msg.child_frame_id)
         except (ConversionError, ValueError) as exc:
             self.health.warn("odom", f"odometry message dropped: {exc}")
             return
-        if not np.all(np.isfinite(T)):
-            self.health.warn("odom", "odometry message dropped: pose is not finite")
-            return
-        frame = msg.header.frame_id or self._param("map_frame")
-        if frame != self.world_frame:
-            if self.worker is not None and len(self.worker.snapshot().gaussians) > 0:
-                self.health.warn("odom_frame", f"odometry frame changed from {self.world_frame!r} to {frame!r}; "
-                                               "the map stays in the first one (reset to change it)")
-            else:
-                self.world_frame = frame  # REP-105: an odometry-posed map lives in the odometry frame
-        self._sync_event(self._odom.add(stamp_to_sec(msg.header.stamp), T, frame_id=frame,
-                                        child_frame_id=msg.child_frame_id))
         self._poll_sync()
 
-    def _sync_event(self, event: Any) -> None:
-        """Log a time jump reported by the synchronizer (its buffers are already cleared; the map is kept)."""
-        if event is None:
+    def _on_time_jump(self, jump: TimeJump | None) -> None:
+        """A jump back in colour stamps (bag loop, simulator reset): the synchronizer already dropped the old time
+        line's pending frames; the worker maps its pending keyframes and starts a new time line; the map is kept."""
+        if jump is None:
             return
-        self.health.warn("time_jumps", f"time jump: {event}; pending frames cleared, map kept")
+        self.worker.time_jump()
+        self.health.warn("time_jumps", f"time jump: colour stamps went back {jump.jump:.3f} s (from "
+                                       f"{jump.previous_stamp:.3f} to {jump.stamp:.3f} s); dropped "
+                                       f"{jump.dropped_frames} waiting frames and {jump.dropped_messages} buffered "
+                                       "messages, map kept")
 
     def _poll_sync(self) -> None:
-        """Complete pending frames whose partners are final (or timed out) and submit them to the worker."""
+        """Decide pending frames (after each input and on a timer, for timeouts); submit the complete ones."""
         if self.sync is None or self.worker is None:
             return
-        now = time.monotonic()
-        if self._camera_info is None and self.backend == "rgbd":
-            return  # frames wait (bounded by queue.sync_frames) and diagnostics say why
-        for m in self.sync.poll(now):
+        with self._lock:
+            result = self.sync.poll(time.monotonic())
+        for u in result.unmatched:
+            reasons = "; ".join(f"{k}: {v}" for k, v in u.reasons.items())
+            self._last_unmatched_reason = f"{u.key}: {reasons}"[:300]
+            self.health.warn(f"unmatched_{u.key}", f"colour frame {u.stamp:.3f} s dropped, partners missing "
+                                                   f"({reasons or ', '.join(u.missing)})")
+        for m in result.matched:
             frame = self._make_frame(m)
             if frame is not None:
                 self.worker.submit(frame)
 
     def _make_frame(self, m: Any) -> Frame | None:
-        rgb = m.primary
+        rgb = m.value
         K = None
-        if self._camera_info is not None:
-            K, w, h = self._camera_info
+        info = m.partners.get("camera_info", self._camera_info)
+        if info is not None:
+            K, w, h = info
             if (w, h) != (rgb.shape[1], rgb.shape[0]):
                 self.health.warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
                                                   f"{rgb.shape[1]}x{rgb.shape[0]}; frame dropped")
@@ -608,8 +645,10 @@ class MappingNode(LifecycleNode):
             if w.dropped_windows:
                 level, message = DiagnosticStatus.WARN, "dropping windows"
         if self.sync is not None:
-            values.update({f"sync.{k}": v for k, v in self.sync.counters().items()})
-            values["pending_frames"] = self.sync.pending_count
+            with self._lock:
+                values.update({f"sync.{k}": v for k, v in self.sync.counters().items()})
+            if self._last_unmatched_reason:
+                values["sync.last_unmatched_reason"] = self._last_unmatched_reason
         if self._tf is not None:
             values.update({"tf_lookups": self._tf.lookups, "tf_lookup_failures": self._tf.failures})
             if self._tf.last_error:
@@ -619,6 +658,7 @@ class MappingNode(LifecycleNode):
         if h.warnings and level == DiagnosticStatus.OK:
             level, message = DiagnosticStatus.WARN, "input errors (see input_errors.*)"
         if (self.lifecycle_state == "active" and self._camera_info is None and self._first_image_wall is not None
+                and self.backend == "rgbd"
                 and time.monotonic() - self._first_image_wall > float(self._param("camera_info_timeout"))):
             level = max(level, DiagnosticStatus.WARN)
             message = (f"no CameraInfo received for {time.monotonic() - self._first_image_wall:.0f} s: colour "
@@ -758,11 +798,12 @@ class MappingNode(LifecycleNode):
         except TimeoutError as exc:
             response.success, response.message = False, f"reset failed, map unchanged: {exc}"
             return response
-        self.sync.reset()
-        if self._odom is not None:
-            self._odom.reset()
-        if self.pose_source == "odometry":
-            self.world_frame = self._param("map_frame")
+        with self._lock:
+            self.sync.reset()
+            if self._odom is not None:
+                self._odom.reset()
+            if self.pose_source == "odometry":
+                self.world_frame = self._param("map_frame")
         response.success, response.message = True, "map cleared"
         return response
 

@@ -59,22 +59,28 @@ class TfPoseSource:
         t = Time() if stamp is None else Time(nanoseconds=round(stamp * 1e9))
         return transform_to_matrix(self.buffer.lookup_transform(target, source, t).transform)
 
-    def pose_at(self, stamp: float, camera_frame: str) -> PoseLookup:
+    def pose_at(self, stamp: float, camera_frame: str, timed_out: bool = False) -> PoseLookup:
         """``map_frame <- camera_frame`` at ``stamp``: ready, wait (not yet in tf: later data can still complete
-        it) or failed (tf2's reason)."""
+        it) or failed (tf2's reason; also any wait once the frame has ``timed_out``)."""
         import tf2_ros
 
         self.lookups += 1
         try:
-            return PoseLookup("ready", self.lookup(self.target_frame, camera_frame, stamp))
+            return PoseLookup("ready", self.lookup(self.target_frame, camera_frame, stamp), self.target_frame)
         except tf2_ros.ExtrapolationException as exc:
-            reason = str(exc)
-            if "future" in reason:  # the transform for this stamp is still to come
-                return PoseLookup("wait", None, reason)
-            self._fail(reason)
-            return PoseLookup("failed", None, reason)
+            reason = f"tf: {exc}"
+            if "future" in reason and not timed_out:  # the transform for this stamp is still to come
+                return PoseLookup("wait", None, reason=reason)
         except tf2_ros.TransformException as exc:  # unknown or unconnected frames: they may still appear
-            return PoseLookup("wait", None, f"{type(exc).__name__}: {exc}")
+            reason = f"tf: {type(exc).__name__}: {exc}"
+            if not timed_out:
+                return PoseLookup("wait", None, reason=reason)
+        self._fail(reason)
+        return PoseLookup("failed", None, reason=reason)
+
+    def on_time_jump(self, stamp: float) -> None:
+        """Stamps jumped back: forget the dynamic transforms of the old time line (``/tf_static`` is kept)."""
+        self.buffer.clear()
 
     def _fail(self, reason: str) -> None:
         self.failures += 1
