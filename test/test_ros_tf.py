@@ -87,7 +87,8 @@ def _run(spinning_executor, hololens_dir, tmp_path, pose_source: str, name: str)
                 time.sleep(0.2)
             keys = [k for k in client.diag.values if k.startswith("sync.unmatched") and "pose" in k]
             assert keys and client.diag.get(keys[0]) >= 1, client.diag.values
-            assert "unknown_optical_frame" in client.diag.values.get("sync.last_unmatched_reason", ""), client.diag.values
+            reason = client.diag.values.get("sync.last_unmatched_reason", "")
+            assert "unknown_optical_frame" in reason, client.diag.values
         assert proc.poll() is None
         return values, resp.objects[0]
     finally:
