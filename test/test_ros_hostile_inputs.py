@@ -122,8 +122,6 @@ def test_hostile_peers_never_change_the_map_behind_its_back(setup) -> None:
     assert not r.success and "too long" in r.message
     r = find(client, "sofa", negatives=[f"thing {i}" for i in range(17)])
     assert not r.success and "negatives" in r.message
-    r = find(client, "sofa", max_results=-1)
-    assert not r.success
 
     # stamps jump back (a bag played again): counted, pending buffers cleared, mapping continues, map kept
     windows = node.worker.processed_windows

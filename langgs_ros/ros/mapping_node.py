@@ -702,8 +702,6 @@ class MappingNode(LifecycleNode):
             error = f"a negative phrase is longer than {max_chars} characters"
         elif not math.isfinite(request.min_score) or not 0.0 <= request.min_score <= 1.0:
             error = f"min_score must be in [0, 1], got {request.min_score}"
-        elif request.max_results < 0:
-            error = f"max_results must be >= 0, got {request.max_results}"
         elif len(snap.instances) == 0:
             error = "map is empty"
         if error is not None:
