@@ -113,8 +113,15 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "query.top_k": (5, "Default number of /find_object results."),
     "query.min_score": (0.5, "Default minimum relevancy score in [0, 1]."),
     "autosave_period": (0.0, "s between autosaves of a changed map (0 = off)."),
-    "autosave_path": ("", "Autosave .ply path (a sidecar is written beside it)."),
+    "autosave_path": ("", "Autosave map name, relative to map_dir like every map name (a sidecar is written beside "
+                          "it); empty = no autosave."),
     "load_on_start": (False, "Load autosave_path at start when it exists."),
+    "map_dir": ("~/.ros/langgs_maps", "Directory of map files (~ expanded, created on demand): save_map/load_map "
+                                      "names and autosave_path are relative to it."),
+    "allow_any_path": (False, "Let save_map/load_map use absolute paths, '..' and symlinks leading outside map_dir "
+                              "(trusted networks only); a save still never overwrites a file that is not a map."),
+    "limits.max_map_file_bytes": (1 << 30, "Largest map file (PLY or sidecar, and the sidecar's decompressed "
+                                           "arrays) load_map reads, bytes; checked before reading."),
     "semantic.clip_model": ("ViT-B-16", "open_clip model name (clip_sam)."),
     "semantic.clip_pretrained": ("laion2b_s34b_b88k", "open_clip pretrained tag or checkpoint path."),
     "semantic.sam_model_type": ("vit_b", "segment-anything model type (vit_b, vit_l, vit_h)."),
@@ -242,7 +249,7 @@ class MappingNode(Node):
         period = float(p("autosave_period"))
         if period > 0 and p("autosave_path"):
             self.create_timer(period, self._autosave, callback_group=self._save_group)
-        if p("load_on_start") and p("autosave_path") and Path(p("autosave_path")).is_file():
+        if p("load_on_start") and p("autosave_path") and self._map_file_exists(p("autosave_path")):
             ok, msg, _, _ = self._load(p("autosave_path"))
             self._saved_version = self.worker.snapshot().version  # the file already holds this map
             (self.get_logger().info if ok else self.get_logger().error)(f"load_on_start: {msg}")
@@ -548,23 +555,49 @@ class MappingNode(Node):
                                            boxes=self.pipeline.query_engine.boxes(snap, list(hits))))
         return response
 
-    def _save(self, path: str) -> tuple[bool, str, int, int]:
-        from langgs_ros.persistence import save_map
+    def _map_directory(self):
+        """The :class:`~langgs_ros.map_files.MapDirectory` of the current ``map_dir`` / ``allow_any_path`` /
+        ``limits.max_map_file_bytes`` (built per request: cheap, and always the current parameter values).
+
+        Raises:
+            MapFileError: invalid parameter values (empty ``map_dir``, a non-positive limit).
+        """
+        from langgs_ros.map_files import MapDirectory
+
+        return MapDirectory(self._param("map_dir"), allow_any_path=bool(self._param("allow_any_path")),
+                            max_file_bytes=int(self._param("limits.max_map_file_bytes")))
+
+    def _map_file_exists(self, name: str) -> bool:
+        from langgs_ros.map_files import MapFileError
+
+        try:
+            return self._map_directory().resolve(name).is_file()
+        except MapFileError as exc:
+            self.get_logger().error(f"autosave_path {name!r}: {exc}")
+            return False
+
+    def _save(self, name: str) -> tuple[bool, str, int, int]:
+        """Save the current map as ``name`` in ``map_dir``; (success, message, Gaussians, instances)."""
+        from langgs_ros.map_files import MapFileError
 
         snap = self.worker.snapshot()
         try:
-            save_map(snap, path)
-        except (OSError, ValueError) as exc:
+            path = self._map_directory().save(snap, name)
+        except MapFileError as exc:
             return False, f"save failed: {exc}", 0, 0
         return True, f"saved {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances to {path}", \
             len(snap.gaussians), len(snap.instances)
 
-    def _load(self, path: str) -> tuple[bool, str, int, int]:
-        from langgs_ros.persistence import load_map
+    def _load(self, name: str) -> tuple[bool, str, int, int]:
+        """Replace the map by map ``name`` from ``map_dir``; on any failure the map is unchanged."""
+        from langgs_ros.map_files import MapFileError
 
+        enc = self.pipeline.text_encoder
         try:
-            snap = load_map(path, expected_encoder_id=self.pipeline.text_encoder.encoder_id)
-        except (OSError, ValueError) as exc:
+            md = self._map_directory()
+            path = md.resolve(name)
+            snap = md.load(name, expected_encoder_id=enc.encoder_id, expected_embedding_dim=getattr(enc, "dim", None))
+        except MapFileError as exc:
             return False, f"load failed, map unchanged: {exc}", 0, 0
 
         def replace() -> None:
@@ -572,12 +605,17 @@ class MappingNode(Node):
             self.worker.buffer.reset()
             self.worker.publish_snapshot()
 
-        self.worker.run_on_worker(replace)
+        try:
+            self.worker.run_on_worker(replace)
+        except TimeoutError:
+            return False, "load not confirmed: the mapping worker did not take the map in time (it may still)", 0, 0
+        except Exception as exc:  # replace_map validates again; the old map stays until the new one is built
+            return False, f"load failed, map unchanged: {type(exc).__name__}: {exc}", 0, 0
         return True, f"loaded {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances from {path}", \
             len(snap.gaussians), len(snap.instances)
 
     def _srv_map_file(self, request, response, action: Callable[[str], tuple[bool, str, int, int]]):
-        """Shared body of save_map/load_map: an empty request path means ``autosave_path``."""
+        """Shared body of save_map/load_map: ``request.path`` is a map name in ``map_dir`` (empty: autosave_path)."""
         path = request.path or self._param("autosave_path")
         if not path:
             response.success, response.message = False, "no path given and autosave_path is not set"
