@@ -137,12 +137,20 @@ class MappingPipeline:
     def replace_map(self, snapshot: MapSnapshot) -> None:
         """Replace the map by a loaded snapshot (same encoder required) and reset the reconstructor's state.
 
+        The snapshot should come from :func:`~langgs_ros.persistence.load_map` (which validates untrusted files
+        completely); the map is replaced only once the new one is fully built, so on any error it is unchanged.
+
         Raises:
-            ValueError: the snapshot's encoder differs from this pipeline's text encoder.
+            ValueError: the snapshot's encoder or embedding dimension differs from this pipeline's text encoder, or
+                the snapshot is inconsistent (see :meth:`SemanticGaussianMap.from_snapshot`).
         """
         if snapshot.encoder_id != self.text_encoder.encoder_id:
             raise ValueError(f"map encoder {snapshot.encoder_id!r} differs from the pipeline's "
                              f"{self.text_encoder.encoder_id!r}")
+        emb = snapshot.instances.embeddings
+        dim = getattr(self.text_encoder, "dim", None)
+        if dim is not None and (emb.ndim != 2 or int(emb.shape[1]) != int(dim)):
+            raise ValueError(f"map embeddings are {tuple(emb.shape)}, the text encoder makes {dim}-d embeddings")
         cfg = self.config
         self.map = SemanticGaussianMap.from_snapshot(snapshot, config=cfg.fusion, sparsify_config=cfg.sparsify,
                                                      device=cfg.device)

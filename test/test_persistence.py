@@ -338,11 +338,11 @@ def test_load_retries_when_a_concurrent_save_replaces_the_map(tmp_path: Path, mo
     real = persistence._load_sidecar
     state = {"raced": False}
 
-    def racing_load_sidecar(side: Path):  # a writer commits a new save (removing the old sidecar) mid-load
+    def racing_load_sidecar(side: Path, *args):  # a writer commits a new save (removing the old sidecar) mid-load
         if not state["raced"]:
             state["raced"] = True
             save_map(new, path)
-        return real(side)
+        return real(side, *args)
 
     monkeypatch.setattr(persistence, "_load_sidecar", racing_load_sidecar)
     back = load_map(path)

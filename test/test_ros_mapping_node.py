@@ -245,24 +245,24 @@ def test_concurrent_queries_during_map_updates(client, replay, hololens_dir, tmp
 def test_save_load_bad_files_and_kill_restart_with_autosave(client, replay, hololens_dir, tmp_path) -> None:
     from langgs_ros.srv import FindObject, LoadMap, SaveMap
 
-    autosave = tmp_path / "autosave.ply"
-    params = node_params(hololens_dir, autosave_path=str(autosave), autosave_period=1.0)
+    autosave = tmp_path / "autosave.ply"  # map names are relative to map_dir
+    params = node_params(hololens_dir, map_dir=str(tmp_path), autosave_path="autosave.ply", autosave_period=1.0)
     proc = start_node_process(params, log_path=tmp_path / "node.log")
     try:
         assert replay.wait_for_subscribers(60)
         replay.run(rate=5.0, indices=BACKPACK_FRAMES)
         values = client.diag.wait_idle(min_windows=2)
         n_inst = int(values["map_instances"])
-        resp = call_service(client, LoadMap, "/mapping_node/load_map", LoadMap.Request(path=str(tmp_path / "nope.ply")))
+        resp = call_service(client, LoadMap, "/mapping_node/load_map", LoadMap.Request(path="nope.ply"))
         assert not resp.success and "unchanged" in resp.message
         corrupt = tmp_path / "corrupt.ply"
         corrupt.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 10\nend_header\n\x00\x01")
-        resp = call_service(client, LoadMap, "/mapping_node/load_map", LoadMap.Request(path=str(corrupt)))
+        resp = call_service(client, LoadMap, "/mapping_node/load_map", LoadMap.Request(path="corrupt.ply"))
         assert not resp.success
         time.sleep(1.5)
         assert int(client.diag.values["map_instances"]) == n_inst
         saved = tmp_path / "saved.ply"
-        resp = call_service(client, SaveMap, "/mapping_node/save_map", SaveMap.Request(path=str(saved)))
+        resp = call_service(client, SaveMap, "/mapping_node/save_map", SaveMap.Request(path="saved.ply"))
         assert resp.success and resp.num_instances == n_inst and saved.is_file()
         deadline = time.monotonic() + 30
         while not autosave.is_file() and time.monotonic() < deadline:

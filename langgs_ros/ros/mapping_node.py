@@ -137,7 +137,6 @@ class MappingNode(LifecycleNode):
         self._published_version = -1
         self._saved_version = -1
         self._last_gaussians_pub = 0.0
-        self._map_files = None
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_group = MutuallyExclusiveCallbackGroup()
         self.create_timer(1.0, self.health.guard("diagnostics", self._publish_diagnostics),
@@ -225,7 +224,6 @@ class MappingNode(LifecycleNode):
             reason = validate(name, value, params)
             if reason is not None:
                 raise ValueError(f"invalid parameter: {reason}")
-        from langgs_ros.map_files import MapDirectory
         from langgs_ros.pipeline import MappingPipeline, MappingWorker
 
         self.label_names = _load_label_names(params["label_names_file"])
@@ -238,8 +236,7 @@ class MappingNode(LifecycleNode):
         self.T_child_camera = xyz_rpy_to_matrix(list(params["camera_extrinsic_xyz"]),
                                                 list(params["camera_extrinsic_rpy"]))
         self.world_frame = params["map_frame"]
-        self._map_files = MapDirectory(Path(params["map_dir"]).expanduser(),
-                                       allow_any_path=bool(params["allow_any_path"]))
+        self._map_directory()  # refuses an empty map_dir or a bad limit now, not at the first save
         self.pipeline = (self._given_pipeline if self._given_pipeline is not None
                          else MappingPipeline(self._pipeline_config(params)))
         self.worker = MappingWorker(
@@ -265,7 +262,7 @@ class MappingNode(LifecycleNode):
         )
         self._last_unmatched_reason = ""
         self._published_version = self._saved_version = -1
-        if params["load_on_start"] and params["autosave_path"]:
+        if params["load_on_start"] and params["autosave_path"] and self._map_file_exists(params["autosave_path"]):
             ok, msg, _, _ = self._load(params["autosave_path"])
             if ok:
                 self._saved_version = self.worker.snapshot().version  # the file already holds this map
@@ -273,7 +270,7 @@ class MappingNode(LifecycleNode):
         self.worker.start()
         self.get_logger().info(
             f"configured: backend={self.backend}, semantics={self.semantic_source}, pose_source={self.pose_source}, "
-            f"device={self.pipeline.device}, map_frame={self.world_frame}, map_dir={self._map_files.root}")
+            f"device={self.pipeline.device}, map_frame={self.world_frame}, map_dir={self._map_directory().root}")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Create subscriptions, publishers, services, timers and the tf listener."""
@@ -735,24 +732,49 @@ class MappingNode(LifecycleNode):
                                         frame)
         return response
 
+    def _map_directory(self):
+        """The :class:`~langgs_ros.map_files.MapDirectory` of ``map_dir`` / ``allow_any_path`` and the current
+        ``limits.max_map_file_bytes`` (built per request: cheap, and always the current limit).
+
+        Raises:
+            MapFileError: invalid values (empty ``map_dir``, a non-positive limit).
+        """
+        from langgs_ros.map_files import MapDirectory
+
+        return MapDirectory(self._param("map_dir"), allow_any_path=bool(self._param("allow_any_path")),
+                            max_file_bytes=int(self._param("limits.max_map_file_bytes")))
+
+    def _map_file_exists(self, name: str) -> bool:
+        from langgs_ros.map_files import MapFileError
+
+        try:
+            return self._map_directory().resolve(name).is_file()
+        except MapFileError as exc:
+            self.get_logger().error(f"autosave_path {name!r}: {exc}")
+            return False
+
     def _save(self, name: str) -> tuple[bool, str, int, int]:
+        """Save the current map as ``name`` in ``map_dir``; (success, message, Gaussians, instances)."""
         from langgs_ros.map_files import MapFileError
 
         snap = self.worker.snapshot()
         try:
-            path = self._map_files.save(snap, name)
-        except (MapFileError, OSError, ValueError) as exc:
+            path = self._map_directory().save(snap, name)
+        except MapFileError as exc:
             return False, f"save failed: {exc}", 0, 0
         return True, f"saved {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances to {path}", \
             len(snap.gaussians), len(snap.instances)
 
     def _load(self, name: str) -> tuple[bool, str, int, int]:
+        """Replace the map by map ``name`` from ``map_dir``; on any failure the map is unchanged."""
         from langgs_ros.map_files import MapFileError
 
+        enc = self.pipeline.text_encoder
         try:
-            snap, path = self._map_files.load(name, expected_encoder_id=self.pipeline.text_encoder.encoder_id,
-                                              max_bytes=int(self._param("limits.max_map_file_bytes")))
-        except (MapFileError, OSError, ValueError) as exc:
+            md = self._map_directory()
+            path = md.resolve(name)
+            snap = md.load(name, expected_encoder_id=enc.encoder_id, expected_embedding_dim=getattr(enc, "dim", None))
+        except MapFileError as exc:
             return False, f"load failed, map unchanged: {exc}", 0, 0
 
         def replace() -> None:
@@ -764,6 +786,8 @@ class MappingNode(LifecycleNode):
             self.worker.run_on_worker(replace, timeout=float(self._param("limits.worker_command_timeout")))
         except TimeoutError as exc:
             return False, f"load failed, map unchanged: {exc}", 0, 0
+        except Exception as exc:  # replace_map validates again; the old map stays until the new one is built
+            return False, f"load failed, map unchanged: {type(exc).__name__}: {exc}", 0, 0
         with self._lock:
             if self.sync is not None:
                 self.sync.reset()
