@@ -86,6 +86,13 @@ def test_maps_real_frames_publishes_gaussians_and_finds_objects(client, replay, 
 
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         client.create_subscription(PointCloud2, "/mapping_node/gaussians", clouds.append, qos)
+        detections: list = []
+        try:
+            from vision_msgs.msg import Detection3DArray
+
+            client.create_subscription(Detection3DArray, "/mapping_node/detections", detections.append, qos)
+        except ImportError:  # built by scripts/setup_env.sh from ../shared/vendor/ros2; robots have it
+            Detection3DArray = None
         replay.run(rate=5.0, indices=BACKPACK_FRAMES)
         values = client.diag.wait_idle(min_windows=3)
         n_map = int(values["map_gaussians"])
@@ -98,7 +105,8 @@ def test_maps_real_frames_publishes_gaussians_and_finds_objects(client, replay, 
         assert 1 <= len(resp.objects) <= 3
         top = resp.objects[0]
         assert top.label == "red backpack" and in_box(backpack, top, replay)
-        assert top.pose.header.frame_id == "map" and top.approach_pose.header.frame_id == "map"
+        # odometry poses: the map is in the odometry message's frame and says so (REP-105)
+        assert top.pose.header.frame_id == "odom" and top.approach_pose.header.frame_id == "odom"
         assert top.size.x > 0.1 and top.num_gaussians > 10
         scores = [o.score for o in resp.objects]
         assert scores == sorted(scores, reverse=True)
@@ -114,13 +122,24 @@ def test_maps_real_frames_publishes_gaussians_and_finds_objects(client, replay, 
         while time.monotonic() < deadline and not (clouds and clouds[-1].width == n_map):
             time.sleep(0.2)
         msg = clouds[-1]
-        assert msg.header.frame_id == "map" and msg.height == 1 and msg.width == n_map
+        assert msg.header.frame_id == "odom" and msg.height == 1 and msg.width == n_map
         assert [f.name for f in msg.fields] == [name for name, _, _ in GAUSSIAN_FIELDS]
         arr = pointcloud2_to_array(msg)
         assert np.isfinite(arr["x"]).all() and (arr["opacity"] >= 0).all() and (arr["opacity"] <= 1).all()
         assert np.allclose(arr["rot_0"] ** 2 + arr["rot_1"] ** 2 + arr["rot_2"] ** 2 + arr["rot_3"] ** 2, 1, atol=1e-4)
         ids = set(np.unique(arr["instance_id"]).tolist())
         assert top.instance_id in ids
+        if Detection3DArray is not None:  # vision_msgs boxes: class name, score, centre/size in the map's frame
+            while time.monotonic() < deadline and not (detections and len(detections[-1].detections) >= 3):
+                time.sleep(0.2)
+            det = detections[-1]
+            assert det.header.frame_id == "odom"
+            by_id = {d.id: d for d in det.detections}
+            d = by_id[str(top.instance_id)]
+            assert d.results[0].hypothesis.class_id == "red backpack" and 0 < d.results[0].hypothesis.score <= 1
+            c = d.bbox.center.position
+            assert in_box(backpack, type("R", (), {"pose": type("P", (), {"pose": d.bbox.center})})(), replay)
+            assert d.bbox.size.x > 0.1 and np.isfinite([c.x, c.y, c.z]).all()
         assert FindObject is not None
         assert proc.poll() is None
     finally:
