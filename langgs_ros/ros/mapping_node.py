@@ -27,7 +27,6 @@ Services: ``find_object`` (langgs_ros/srv/FindObject), ``~/save_map``, ``~/load_
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,6 +72,7 @@ from langgs_ros.ros.conversions import (
     stamp_to_sec,
     xyz_rpy_to_matrix,
 )
+from langgs_ros.ros.frame_sync import FrameSynchronizer, OdometryPoseBuffer, PoseLookup, StampOrderError
 from langgs_ros.srv import FindObject, LoadMap, SaveMap
 from langgs_ros.types import Frame, MapSnapshot
 
@@ -130,12 +129,30 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
 }
 
 
-@dataclass
-class _Pending:
-    stamp: float
-    frame_id: str
-    rgb: np.ndarray
-    received: float
+class _TfPoses:
+    """:class:`~langgs_ros.ros.frame_sync.PoseProvider` over a tf2 buffer: ``map_frame <- camera_frame`` at the
+    image stamp (tf2 interpolates); a failed lookup waits until the synchroniser's timeout, then fails with tf2's
+    message as the reason."""
+
+    def __init__(self, buffer: Any, target_frame: str) -> None:
+        self.buffer = buffer
+        self.target_frame = target_frame
+
+    def pose_at(self, stamp: float, camera_frame: str, timed_out: bool) -> PoseLookup:
+        from geometry_msgs.msg import Point, Pose, Quaternion
+        from rclpy.time import Time as RclTime
+
+        try:
+            tf = self.buffer.lookup_transform(self.target_frame, camera_frame, RclTime(seconds=stamp))
+        except Exception as exc:  # tf2 raises several lookup exceptions; the frame waits, then fails
+            return PoseLookup("failed" if timed_out else "wait", reason=f"tf: {exc}")
+        t, q = tf.transform.translation, tf.transform.rotation
+        T = pose_to_matrix(Pose(position=Point(x=t.x, y=t.y, z=t.z), orientation=Quaternion(x=q.x, y=q.y, z=q.z,
+                                                                                              w=q.w)))
+        return PoseLookup("ready", T, self.target_frame)
+
+    def on_time_jump(self, stamp: float) -> None:
+        self.buffer.clear()  # dynamic transforms only; /tf_static survives
 
 
 def _load_label_names(path: str) -> dict[int, str]:
@@ -170,16 +187,16 @@ class MappingNode(Node):
         self.pose_source = self._resolve_pose_source(p("pose_source"))
         self.T_child_camera = xyz_rpy_to_matrix(list(p("camera_extrinsic_xyz")), list(p("camera_extrinsic_rpy")))
         self._errors: dict[str, int] = {}
-        self._last_color_stamp: float | None = None
         self._lock = threading.Lock()
         # Partners wait in bounded buffers: callbacks of different topics can run seconds apart when the CPU is
         # busy, so a colour image may be taken long after its depth/labels (sizes: ~40 frames, ~5 s at 8 Hz).
+        # Stamp matching (frame_sync): a partner is taken only when exact, bracketed by a later message of its
+        # topic, or at the timeout; CameraInfo is a stamp-matched partner for the rgbd backend.
         n_wait = int(p("queue.sync_frames"))
-        self._pending: deque[_Pending] = deque(maxlen=n_wait)
-        self._depths: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
-        self._labels: deque[tuple[float, np.ndarray]] = deque(maxlen=n_wait)
-        self._odom: deque[tuple[float, np.ndarray]] = deque(maxlen=400)
-        self._camera_info: tuple[np.ndarray, int, int] | None = None
+        self.need_camera_info = self.backend == "rgbd"
+        self._camera_info: tuple[np.ndarray, int, int] | None = None  # latest (optional for feedforward)
+        self._odom = (OdometryPoseBuffer(self.T_child_camera, tolerance=self.sync_tol, max_samples=1000)
+                      if self.pose_source == "odometry" else None)
         self.callback_cost = deque(maxlen=200)  # seconds per colour callback, for diagnostics/bench
         self._bridge = None
 
@@ -214,16 +231,14 @@ class MappingNode(Node):
         self.create_subscription(Image, "image", self._on_image, sd, callback_group=self._sub_group)
         self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sd, callback_group=self._sub_group)
         if self.need_depth:
-            self.create_subscription(Image, "depth", partial(self._on_partner, convert=image_to_depth,
-                                                             buffer=self._depths, kind="depth"),
+            self.create_subscription(Image, "depth", partial(self._on_partner, convert=image_to_depth, kind="depth"),
                                      sd, callback_group=self._sub_group)
         if self.need_labels:
             self.create_subscription(Image, "labels", partial(self._on_partner, convert=image_to_labels,
-                                                              buffer=self._labels, kind="labels"),
+                                                              kind="labels"),
                                      sd, callback_group=self._sub_group)
         if self.pose_source == "odometry":
-            odom_pose = partial(self._on_partner, convert=lambda m: pose_to_matrix(m.pose.pose), buffer=self._odom,
-                                kind="odom")
+            odom_pose = partial(self._on_partner, convert=lambda m: pose_to_matrix(m.pose.pose), kind="odom")
             self.create_subscription(Odometry, "odom", odom_pose, 50, callback_group=self._sub_group)
         self._tf_buffer = None
         if self.pose_source == "tf":
@@ -231,6 +246,14 @@ class MappingNode(Node):
 
             self._tf_buffer = tf2_ros.Buffer()
             self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+        partners = [n for n, need in (("depth", self.need_depth), ("labels", self.need_labels),
+                                      ("camera_info", self.need_camera_info)) if need]
+        poses = self._odom if self._odom is not None else (
+            _TfPoses(self._tf_buffer, self.map_frame) if self._tf_buffer is not None else None)
+        self._sync = FrameSynchronizer(partners, tolerance=self.sync_tol, timeout=self.sync_timeout,
+                                       max_pending=n_wait, max_partner_buffer=n_wait, pose_provider=poses)
+        # timeouts must fire without traffic (the last frames of a stream, a partner that stopped)
+        self.create_timer(max(0.02, min(0.1, self.sync_timeout / 4)), self._poll_sync, callback_group=self._sub_group)
 
         self.create_service(FindObject, "find_object", self._srv_find_object, callback_group=self._srv_group)
         self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=self._save_group)
@@ -326,17 +349,17 @@ class MappingNode(Node):
     # ------------------------------------------------------------------------------------------ inputs
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
-            self._camera_info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
+            info = (camera_info_to_k(msg), int(msg.width), int(msg.height))
         except ConversionError as exc:
             self._warn("camera_info", f"CameraInfo ignored: {exc}")
+            return
+        self._camera_info = info
+        if self.need_camera_info:
+            self._add_partner("camera_info", stamp_to_sec(msg.header.stamp), info)
 
     def _on_image(self, msg: Image) -> None:
         t0 = time.perf_counter()
         stamp = stamp_to_sec(msg.header.stamp)
-        if self._last_color_stamp is not None and stamp < self._last_color_stamp:
-            self._warn("stamp_backwards", f"colour image stamp {stamp:.3f} s is older than the previous "
-                                          f"{self._last_color_stamp:.3f} s; dropped")
-            return
         try:
             if self._bridge is None:
                 from cv_bridge import CvBridge
@@ -346,104 +369,75 @@ class MappingNode(Node):
         except ConversionError as exc:
             self._warn("image", f"colour image dropped: {exc}")
             return
-        self._last_color_stamp = stamp
         frame_id = self._param("camera_frame") or msg.header.frame_id
         with self._lock:
-            if len(self._pending) == self._pending.maxlen:
-                self._errors["unmatched_color"] = self._errors.get("unmatched_color", 0) + 1
-            self._pending.append(_Pending(stamp, frame_id, rgb, time.monotonic()))
-        self._match()
+            try:
+                jump = self._sync.add_primary(stamp, rgb, frame_id, time.monotonic())
+            except StampOrderError as exc:
+                self._warn("stamp_backwards", f"{exc}; dropped")
+                return
+        if jump is not None:  # bag loop / simulator reset: pending buffers were cleared, the map is kept
+            self.worker.time_jump()
+            self.get_logger().warning(
+                f"time jump: colour stamps went back {jump.jump:.3f} s (from {jump.previous_stamp:.3f} to "
+                f"{jump.stamp:.3f} s); dropped {jump.dropped_frames} waiting frames and {jump.dropped_messages} "
+                f"buffered messages, map kept [{self._sync.time_jumps} jump(s) so far]")
+        self._poll_sync()
         self.callback_cost.append(time.perf_counter() - t0)
 
-    def _on_partner(self, msg: Any, convert: Any, buffer: deque, kind: str) -> None:
+    def _on_partner(self, msg: Any, convert: Any, kind: str) -> None:
         """Convert a depth, label or odometry message, buffer it by stamp and try to complete pending frames."""
         try:
             value = convert(msg)
         except ConversionError as exc:
             self._warn(kind, f"{kind} message dropped: {exc}")
             return
+        stamp = stamp_to_sec(msg.header.stamp)
+        if kind != "odom":
+            self._add_partner(kind, stamp, value)
+            return
+        try:
+            with self._lock:
+                self._odom.add(stamp, value, frame_id=msg.header.frame_id, child_frame_id=msg.child_frame_id)
+        except ValueError as exc:
+            self._warn(kind, f"odometry message dropped: {exc}")
+            return
+        self._poll_sync()
+
+    def _add_partner(self, kind: str, stamp: float, value: Any) -> None:
         with self._lock:
-            buffer.append((stamp_to_sec(msg.header.stamp), value))
-        self._match()
+            self._sync.add_partner(kind, stamp, value, time.monotonic())
+        self._poll_sync()
 
-    @staticmethod
-    def _nearest(items: deque, stamp: float, tol: float):
-        """Value whose stamp is nearest to ``stamp`` within ``tol`` s, or None.
-
-        ``items`` holds (stamp, value) in arrival order, which is stamp order for one publisher, so a binary
-        search finds the neighbours (O(log n) per lookup: this runs for every pending frame on every message).
-        """
-        i = bisect.bisect_left(items, stamp, key=lambda item: item[0])
-        best, best_dt = None, tol
-        for j in (i - 1, i):
-            if 0 <= j < len(items):
-                dt = abs(items[j][0] - stamp)
-                if dt <= best_dt:
-                    best, best_dt = items[j][1], dt
-        return best
-
-    def _pose_for(self, stamp: float, camera_frame: str) -> np.ndarray | None:
-        if self.pose_source == "none":
-            return None
-        if self.pose_source == "odometry":
-            T = self._nearest(self._odom, stamp, self.sync_tol)
-            return None if T is None else T @ self.T_child_camera
-        try:  # tf
-            from rclpy.time import Time as RclTime
-
-            tf = self._tf_buffer.lookup_transform(self.map_frame, camera_frame, RclTime(seconds=stamp))
-            t, q = tf.transform.translation, tf.transform.rotation
-            from geometry_msgs.msg import Point, Pose, Quaternion
-
-            return pose_to_matrix(Pose(position=Point(x=t.x, y=t.y, z=t.z),
-                                       orientation=Quaternion(x=q.x, y=q.y, z=q.z, w=q.w)))
-        except Exception:  # tf2 raises several lookup exceptions; the frame waits or is dropped
-            return None
-
-    def _match(self) -> None:
-        """Pair pending colour images with depth, labels, CameraInfo and poses by stamp; submit complete frames."""
+    def _poll_sync(self) -> None:
+        """Decide pending frames (after each input and on a timer, for timeouts); submit the complete ones."""
         ready: list[Frame] = []
         with self._lock:
-            if self._camera_info is None and self.backend == "rgbd":
-                return
-            now = time.monotonic()
-            keep: deque[_Pending] = deque(maxlen=self._pending.maxlen)
-            for pend in self._pending:
-                depth = self._nearest(self._depths, pend.stamp, self.sync_tol) if self.need_depth else None
-                labels = self._nearest(self._labels, pend.stamp, self.sync_tol) if self.need_labels else None
-                pose = self._pose_for(pend.stamp, pend.frame_id)
-                complete = ((depth is not None or not self.need_depth)
-                            and (labels is not None or not self.need_labels)
-                            and (pose is not None or self.pose_source == "none"))
-                if not complete:
-                    if now - pend.received > self.sync_timeout:  # its partners did not come in time
-                        missing = "+".join(n for n, v, need in (("depth", depth, self.need_depth),
-                                                                ("labels", labels, self.need_labels),
-                                                                ("pose", pose, self.pose_source != "none"))
-                                           if need and v is None)
-                        key = f"unmatched_color_no_{missing}"
-                        self._errors[key] = self._errors.get(key, 0) + 1
-                    else:
-                        keep.append(pend)
+            result = self._sync.poll(time.monotonic())
+        for u in result.unmatched:
+            self._warn(f"unmatched_color_{u.key}", f"colour image at {u.stamp:.3f} s dropped: "
+                                                   + "; ".join(u.reasons.get(n, f"no {n}") for n in u.missing))
+        for m in result.matched:
+            rgb = m.value
+            depth, labels = m.partners.get("depth"), m.partners.get("labels")
+            info = m.partners.get("camera_info", self._camera_info)
+            K = None
+            if info is not None:
+                K, w, h = info
+                if (w, h) != (rgb.shape[1], rgb.shape[0]):
+                    self._warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
+                                                f"{rgb.shape[1]}x{rgb.shape[0]}; frame dropped")
                     continue
-                K = None
-                if self._camera_info is not None:
-                    K, w, h = self._camera_info
-                    if (w, h) != (pend.rgb.shape[1], pend.rgb.shape[0]):
-                        self._warn("size_mismatch", f"CameraInfo is {w}x{h} but the image is "
-                                                    f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
-                        continue
-                if depth is not None and depth.shape != pend.rgb.shape[:2]:
-                    self._warn("size_mismatch", f"depth is {depth.shape[1]}x{depth.shape[0]} but the image is "
-                                                f"{pend.rgb.shape[1]}x{pend.rgb.shape[0]}; frame dropped")
-                    continue
-                if labels is not None and labels.shape != pend.rgb.shape[:2]:
-                    self._warn("size_mismatch", "label image size differs from the colour image; frame dropped")
-                    continue
-                ready.append(Frame(rgb=pend.rgb, stamp=pend.stamp, frame_id=pend.frame_id, depth=depth,
-                                   intrinsics=K, world_from_camera=pose, labels=labels,
-                                   label_names=self.label_names or None))
-            self._pending = keep
+            if depth is not None and depth.shape != rgb.shape[:2]:
+                self._warn("size_mismatch", f"depth is {depth.shape[1]}x{depth.shape[0]} but the image is "
+                                            f"{rgb.shape[1]}x{rgb.shape[0]}; frame dropped")
+                continue
+            if labels is not None and labels.shape != rgb.shape[:2]:
+                self._warn("size_mismatch", "label image size differs from the colour image; frame dropped")
+                continue
+            ready.append(Frame(rgb=rgb, stamp=m.stamp, frame_id=m.frame_id, depth=depth, intrinsics=K,
+                               world_from_camera=m.world_from_camera, labels=labels,
+                               label_names=self.label_names or None))
         for f in ready:
             self.worker.submit(f)
 
@@ -488,6 +482,12 @@ class MappingNode(Node):
             "keyframes": w.buffer.num_keyframes, "pending_keyframes": w.buffer.num_pending,
         }
         values.update({f"input_errors.{k}": v for k, v in self._errors.items()})
+        with self._lock:
+            values.update({f"sync.{k}": v for k, v in self._sync.counters().items()})
+            if self._odom is not None:
+                values["sync.odom_samples"] = len(self._odom)
+                values["sync.odom_time_jumps"] = self._odom.time_jumps
+        values["time_jumps_mapped"] = w.time_jumps
         if self.callback_cost:
             values["image_callback_ms_mean"] = round(1e3 * float(np.mean(self.callback_cost)), 3)
         st = w.last_stats
@@ -599,9 +599,9 @@ class MappingNode(Node):
 
         self.worker.run_on_worker(reset)
         with self._lock:
-            self._last_color_stamp = None
-            for buffer in (self._pending, self._depths, self._labels, self._odom):
-                buffer.clear()
+            self._sync.reset()
+            if self._odom is not None:
+                self._odom.reset()
         response.success, response.message = True, "map cleared"
         return response
 
