@@ -74,3 +74,47 @@ def test_30hz_delayed_reordered_partners_map_like_the_cli(spinning_executor, hol
             cli.wait(10)
         code = stop_process(proc)
     assert code == 0, (tmp_path / "node.log").read_text()[-3000:]
+
+
+def test_bag_loop_time_jump_is_counted_and_mapping_goes_on(spinning_executor, hololens_dir, tmp_path) -> None:
+    """Deliverable 9: the same frames replayed again with the same stamps (``ros2 bag play --loop``): the jump back
+    is detected and counted, the pending buffers are cleared, the map is kept and the second pass is mapped."""
+    from rclpy.node import Node
+    from ros_helpers import call_service
+
+    from langgs_ros.datasets import open_sequence
+    from langgs_ros.ros.replay import FolderReplay
+    from langgs_ros.srv import FindObject
+
+    ctx = spinning_executor.executor.context
+    client = spinning_executor.add(Node("test_client", context=ctx))
+    client.diag = DiagnosticsWatcher(client)
+    replay = spinning_executor.add(FolderReplay(open_sequence(hololens_dir), context=ctx))
+    frames = list(range(4, 16))  # 1.47 s of stamps: the loop jumps back by more than the 1 s threshold
+    params = {
+        "backend": "rgbd", "semantic_source": "labels", "pose_source": "odometry",
+        "label_names_file": str(hololens_dir / "annotations" / "objects.json"),
+        "window.size": 4, "window.overlap": 1, "window_period": 1.0,
+        "queue.max_frames": 40, "queue.max_windows": 16, "queue.sensor_depth": 50,
+    }
+    proc = start_node_process(params, log_path=tmp_path / "node.log")
+    try:
+        assert replay.wait_for_subscribers(120)
+        replay.run(rate=5.0, indices=frames)
+        first = client.diag.wait_idle(min_windows=1, timeout=300)
+        replay.run(rate=5.0, indices=frames)  # the loop: stamps restart where the first pass started
+        after = client.diag.wait_idle(min_windows=int(first["processed_windows"]) + 1, timeout=300)
+        assert int(after["sync.time_jumps"]) == 1 and int(after["time_jumps_mapped"]) == 1, after
+        assert int(after["sync.matched"]) == 2 * len(frames), after
+        assert int(after["rejected_frames"]) == 0 and "input_errors.stamp_backwards" not in after, after
+        assert not {k: v for k, v in after.items() if k.startswith("sync.unmatched") and int(v)}, after
+        # the map was kept (the second pass over the same frames adds next to nothing) and mapping went on
+        assert int(after["map_gaussians"]) >= int(first["map_gaussians"]) > 1000
+        assert int(after["map_instances"]) >= int(first["map_instances"]) >= 3
+        assert int(after["processed_windows"]) > int(first["processed_windows"])
+        resp = call_service(client, FindObject, "/find_object", FindObject.Request(query="red backpack"))
+        assert resp.success and resp.objects and resp.objects[0].label == "red backpack"
+        assert "time jump: colour stamps went back" in (tmp_path / "node.log").read_text()
+    finally:
+        code = stop_process(proc)
+    assert code == 0, (tmp_path / "node.log").read_text()[-3000:]
