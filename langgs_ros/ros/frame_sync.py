@@ -683,7 +683,8 @@ class FrameSynchronizer:
                     continue
                 p.decided[name] = d
                 missing = missing or d is _MISSING
-            if not missing and self.pose_provider is not None and p.pose is None and POSE not in p.reasons:
+            if (not missing and self.pose_provider is not None and p.pose is None and POSE not in p.reasons
+                    and len(p.decided) == len(self.partners)):  # pose last: a tf lookup costs more than a bisect
                 look = self.pose_provider.pose_at(p.stamp, p.frame_id, timed_out)
                 if look.status == "ready" and look.world_from_camera is not None:
                     p.pose, p.pose_frame_id = np.asarray(look.world_from_camera, dtype=np.float64), look.frame_id
