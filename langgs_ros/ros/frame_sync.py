@@ -657,7 +657,7 @@ class FrameSynchronizer:
             if owner == "unknown":
                 return None
         near = f"nearest {buf.name} {min(abs(s - p.stamp) for s in st[max(0, i - 1):i + 1]):.3f} s away" if st \
-            else f"no {buf.name} received"
+            else f"no {buf.name} buffered"
         p.reasons[buf.name] = f"no {buf.name} of this frame within {self.tolerance:.3f} s ({near})"
         return _MISSING
 

@@ -480,6 +480,7 @@ class MappingNode(Node):
             "dropped_windows": w.dropped_windows, "rejected_frames": w.rejected_frames,
             "failed_windows": w.failed_windows, "processed_windows": w.processed_windows,
             "keyframes": w.buffer.num_keyframes, "pending_keyframes": w.buffer.num_pending,
+            "worker_busy": int(w.busy),
         }
         values.update({f"input_errors.{k}": v for k, v in self._errors.items()})
         with self._lock:
