@@ -450,8 +450,8 @@ class FrameSynchronizer:
 
     Args:
         partners: names of the stamp-matched partner topics (e.g. ``("depth", "labels", "camera_info")``).
-        tolerance: s; largest stamp difference of a non-exact partner (> 0 recommended below half the frame
-            period; larger values are safe too thanks to the nearest-frame ownership rule).
+        tolerance: s; largest stamp difference of a non-exact partner. A value above half the frame period is
+            safe: a message nearer to another colour frame is never taken.
         timeout: s of wall clock a frame waits for undecided partners.
         max_pending: bound of the frames waiting (oldest dropped, counted ``evicted_frames``).
         max_partner_buffer: bound of each partner buffer (oldest dropped, counted ``evicted_<name>``).
