@@ -181,7 +181,8 @@ class MapDirectory:
                 except MapLoadError:
                     side = None  # load_map reports what is wrong with the PLY
                 if side is not None and not self._inside(side, root):
-                    raise MapFileError(f"map {short(name)} refused: its sidecar leads outside map_dir through a symlink")
+                    raise MapFileError(f"map {short(name)} refused: its sidecar leads outside map_dir through a "
+                                       "symlink")
             return load_map(path, expected_encoder_id=expected_encoder_id, device=device,
                             expected_embedding_dim=expected_embedding_dim, max_bytes=self.max_file_bytes)
         except MapLoadError as e:

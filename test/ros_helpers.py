@@ -93,8 +93,9 @@ class DiagnosticsWatcher:
             return default
 
     def wait_idle(self, min_windows: int = 1, timeout: float = 180.0, stable_for: int = 3) -> dict[str, str]:
-        """Wait until >= ``min_windows`` windows were processed and the queues stayed empty for ``stable_for``
-        consecutive diagnostics messages; returns the values.
+        """Wait until >= ``min_windows`` windows were processed and the queues (frames waiting for partners,
+        frames, keyframes, windows) stayed empty with the worker not busy for ``stable_for`` consecutive
+        diagnostics messages; returns the values.
 
         Raises:
             TimeoutError: not idle in time.
@@ -108,7 +109,8 @@ class DiagnosticsWatcher:
             last_count = self.count
             state = (self.get("processed_windows"), self.get("map_version"))
             idle = (self.get("queued_frames") == 0 and self.get("queued_windows") == 0
-                    and self.get("pending_keyframes") == 0 and self.get("processed_windows") >= min_windows)
+                    and self.get("pending_keyframes") == 0 and self.get("worker_busy") == 0
+                    and self.get("sync.pending") == 0 and self.get("processed_windows") >= min_windows)
             stable = stable + 1 if idle and state == last_state else 0
             last_state = state
             if stable >= stable_for:

@@ -353,6 +353,8 @@ def test_time_jump_clears_the_old_time_line_and_matching_goes_on() -> None:
     assert odom.time_jumps == 1 and len(odom) == 1
     jump_d = s2.add_partner("depth", stamp(0), "d_new0", now=1.0)
     assert jump_d is not None and jump_d.topic == "depth" and jump_d.jump == pytest.approx((loop - 3) * DT)
+    s2.add_partner("depth", stamp(1), "d_new1", now=1.0)  # still ahead of colour: kept, not stale
+    assert s2.buffered("depth") == 2
     feed_odom(1)
     jump = s2.add_primary(stamp(0), "new0", "cam", now=1.0)
     assert jump is not None and jump.topic == "primary" and jump.dropped_frames == 2
@@ -362,11 +364,13 @@ def test_time_jump_clears_the_old_time_line_and_matching_goes_on() -> None:
     np.testing.assert_allclose(out.matched[0].world_from_camera, _trajectory(np.array([stamp(0)]))[0], atol=1e-12)
     for k in range(1, 5):  # the new pass maps on
         feed_odom(k + 1)
-        s2.add_partner("depth", stamp(k), f"d_new{k}", now=1.0)
+        if k > 1:
+            s2.add_partner("depth", stamp(k), f"d_new{k}", now=1.0)
         s2.add_primary(stamp(k), f"new{k}", "cam", now=1.0)
         assert [m.partners["depth"] for m in s2.poll(1.0).matched] == [f"d_new{k}"]
     c = s2.counters()
     assert c["time_jumps"] == 1 and c["dropped_on_jump"] == 2 and c["partner_jumps_depth"] == 1
+    assert "stale_depth" not in c and "unmatched_no_depth" not in c
 
 
 def test_time_jump_on_the_primary_first_drops_old_partner_messages() -> None:

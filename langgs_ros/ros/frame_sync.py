@@ -450,8 +450,8 @@ class FrameSynchronizer:
 
     Args:
         partners: names of the stamp-matched partner topics (e.g. ``("depth", "labels", "camera_info")``).
-        tolerance: s; largest stamp difference of a non-exact partner (> 0 recommended below half the frame
-            period; larger values are safe too thanks to the nearest-frame ownership rule).
+        tolerance: s; largest stamp difference of a non-exact partner. A value above half the frame period is
+            safe: a message nearer to another colour frame is never taken.
         timeout: s of wall clock a frame waits for undecided partners.
         max_pending: bound of the frames waiting (oldest dropped, counted ``evicted_frames``).
         max_partner_buffer: bound of each partner buffer (oldest dropped, counted ``evicted_<name>``).
@@ -657,7 +657,7 @@ class FrameSynchronizer:
             if owner == "unknown":
                 return None
         near = f"nearest {buf.name} {min(abs(s - p.stamp) for s in st[max(0, i - 1):i + 1]):.3f} s away" if st \
-            else f"no {buf.name} received"
+            else f"no {buf.name} buffered"
         p.reasons[buf.name] = f"no {buf.name} of this frame within {self.tolerance:.3f} s ({near})"
         return _MISSING
 
@@ -683,7 +683,8 @@ class FrameSynchronizer:
                     continue
                 p.decided[name] = d
                 missing = missing or d is _MISSING
-            if not missing and self.pose_provider is not None and p.pose is None and POSE not in p.reasons:
+            if (not missing and self.pose_provider is not None and p.pose is None and POSE not in p.reasons
+                    and len(p.decided) == len(self.partners)):  # pose last: a tf lookup costs more than a bisect
                 look = self.pose_provider.pose_at(p.stamp, p.frame_id, timed_out)
                 if look.status == "ready" and look.world_from_camera is not None:
                     p.pose, p.pose_frame_id = np.asarray(look.world_from_camera, dtype=np.float64), look.frame_id

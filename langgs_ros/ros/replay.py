@@ -141,28 +141,45 @@ class FolderReplay(Node):
         """Published stamp (s) of frame ``i``."""
         return self.t0 + float(self.seq.stamps[i] - self.seq.stamps[0])
 
-    def publish_frame(self, i: int) -> float:
-        """Publish frame ``i`` (odometry/tf first, then camera info, depth, labels and colour); returns its stamp."""
+    def frame_messages(self, i: int, t: float) -> list[tuple[str, object]]:
+        """Messages of frame ``i`` stamped ``t`` (s), as (topic, message) in publication order: ``odom`` (and
+        ``tf``: ``odom -> base_link`` when publishing tf), ``camera_info``, ``depth``, ``labels``, ``image`` (those
+        the sequence has)."""
         f = self.seq.frame(i)
-        t = self.stamp_of(i)
         header = Header(stamp=sec_to_stamp(t), frame_id=self.camera_frame)
+        out: list[tuple[str, object]] = []
         if f.world_from_camera is not None:
-            self.pub_odom.publish(self.odometry(f.world_from_camera, t))
+            out.append(("odom", self.odometry(f.world_from_camera, t)))
             if self.tf_broadcaster is not None:
                 odom_from_base = self.odom_from_world @ f.world_from_camera @ np.linalg.inv(self.base_from_camera)
-                self.tf_broadcaster.sendTransform(self._transform(odom_from_base, self.odom_frame, self.base_frame, t))
+                out.append(("tf", self._transform(odom_from_base, self.odom_frame, self.base_frame, t)))
         if f.intrinsics is not None:
             K = f.intrinsics
-            info = CameraInfo(header=header, height=f.height, width=f.width, distortion_model="plumb_bob",
-                              d=[0.0] * 5, k=K.reshape(-1).tolist(), r=np.eye(3).reshape(-1).tolist(),
-                              p=np.hstack([K, np.zeros((3, 1))]).reshape(-1).tolist())
-            self.pub_info.publish(info)
+            out.append(("camera_info", CameraInfo(
+                header=header, height=f.height, width=f.width, distortion_model="plumb_bob", d=[0.0] * 5,
+                k=K.reshape(-1).tolist(), r=np.eye(3).reshape(-1).tolist(),
+                p=np.hstack([K, np.zeros((3, 1))]).reshape(-1).tolist())))
         if f.depth is not None:
-            self.pub_depth.publish(_image(np.round(f.depth * 1000.0).clip(0, 65535).astype(np.uint16), "16UC1",
-                                          header))
+            out.append(("depth", _image(np.round(f.depth * 1000.0).clip(0, 65535).astype(np.uint16), "16UC1",
+                                        header)))
         if f.labels is not None:
-            self.pub_labels.publish(_image(f.labels.clip(0, 65535).astype(np.uint16), "16UC1", header))
-        self.pub_image.publish(_image(f.rgb, "rgb8", header))
+            out.append(("labels", _image(f.labels.clip(0, 65535).astype(np.uint16), "16UC1", header)))
+        out.append(("image", _image(f.rgb, "rgb8", header)))
+        return out
+
+    def publish(self, topic: str, msg: object) -> None:
+        """Publish one message of :meth:`frame_messages` on its topic (``tf`` through the tf broadcaster)."""
+        if topic == "tf":
+            self.tf_broadcaster.sendTransform(msg)
+            return
+        {"image": self.pub_image, "camera_info": self.pub_info, "depth": self.pub_depth,
+         "labels": self.pub_labels, "odom": self.pub_odom}[topic].publish(msg)
+
+    def publish_frame(self, i: int) -> float:
+        """Publish frame ``i`` (odometry/tf first, then camera info, depth, labels and colour); returns its stamp."""
+        t = self.stamp_of(i)
+        for topic, msg in self.frame_messages(i, t):
+            self.publish(topic, msg)
         return t
 
     def run(self, rate: float = 2.0, indices: list[int] | None = None) -> int:
