@@ -4,10 +4,13 @@ language queries through ``/find_object`` and print one JSON line per answer.
 
     make demo [DATA=<folder>]     (hololens or TUM layout; default ../shared/data/hololens_office)
 
-Two processes: this one (replay publisher + service client) and ``mapping_node`` (started here with the
-``rgbd`` backend, odometry poses and the ``labels`` semantic source when the folder is annotated, else
-``clip_sam``). DDS is confined to loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, the repo's loopback
-Fast DDS profile, a random ``ROS_DOMAIN_ID``) before ``rclpy.init()``.
+Two processes: this one (replay publisher + service client) and ``mapping_node``, started through the robot's
+entry point ``ros2 launch langgs_ros mapping.launch.py params_file:=build/demo_params_<backend>.yaml`` with the
+replay's topics as remaps (directly as ``python -m langgs_ros.ros.mapping_node`` where ``ros2``/launch_ros are
+missing, which it says). The params file is ``config/mapping_labels.yaml`` (``labels`` semantic source, odometry
+poses) when the folder is annotated, else ``config/mapping.yaml`` (``clip_sam``), with the settings below.
+DDS is confined to loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, the repo's loopback Fast DDS profile,
+a random ``ROS_DOMAIN_ID``) before ``rclpy.init()``.
 
 With annotations, every query is checked against the ground-truth box (grown 10 cm) expressed in the replay's
 z-up ``odom`` frame, and the accuracy is printed last. Without a DATA folder and without the shared data (a
@@ -17,9 +20,12 @@ user's machine), the TUM RGB-D ``fr1_desk`` sample is downloaded (see :func:`fet
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -32,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from langgs_ros.ros.dds_env import configure_loopback_dds  # noqa: E402
+from langgs_ros.ros.params_file import CONFIG_DIR, write_params_file  # noqa: E402
 
 TUM_URL = "https://cvg.cit.tum.de/rgbd/dataset/freiburg1/rgbd_dataset_freiburg1_desk.tgz"
 
@@ -70,13 +77,15 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
     from langgs_ros.srv import FindObject
 
     annotated = params.get("semantic_source") == "labels"
-    cmd = [sys.executable, "-m", "langgs_ros.ros.mapping_node", "--ros-args"]
-    for k, v in params.items():
-        cmd += ["-p", f"{k}:={v}"]
     log_path = ROOT / "build" / f"demo_node_{backend}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] {label}: starting mapping_node ({params['semantic_source']} semantics, {backend} backend); "
-          f"log: {log_path}", flush=True)
+    # config/mapping_labels.yaml for annotated data, the robot default otherwise, with this session's settings
+    params_path = write_params_file(ROOT / "build" / f"demo_params_{backend}.yaml", params,
+                                    base=CONFIG_DIR / ("mapping_labels.yaml" if annotated else "mapping.yaml"))
+    cmd = node_command(params_path)
+    print(f"[demo] {label}: starting mapping_node ({params['semantic_source']} semantics, {backend} backend) with "
+          f"`{' '.join(cmd[:4]) if cmd[0] == 'ros2' else 'python -m langgs_ros.ros.mapping_node'}`, params "
+          f"{params_path}; log: {log_path}", flush=True)
     node_proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                  env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT, start_new_session=True)
     rclpy.init()
@@ -176,12 +185,36 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
         replay.destroy_node()
         client_node.destroy_node()
         rclpy.shutdown()
-        node_proc.send_signal(2)
-        try:
-            node_proc.wait(20)
-        except subprocess.TimeoutExpired:
-            node_proc.kill()
+        stop_group(node_proc)
     return ok, total
+
+
+def node_command(params_path: Path) -> list[str]:
+    """``ros2 launch langgs_ros mapping.launch.py`` with ``params_path`` and the replay's topics as remaps (the
+    robot's entry point); ``python -m langgs_ros.ros.mapping_node`` when ``ros2`` / launch_ros are missing."""
+    if shutil.which("ros2") and importlib.util.find_spec("launch_ros") is not None:
+        remaps = [f"{t}:=/{t}" for t in ("image", "camera_info", "depth", "labels", "odom")]
+        # respawn off: a node that dies during the demo is an error to see, not to hide
+        return ["ros2", "launch", "langgs_ros", "mapping.launch.py", f"params_file:={params_path}", "respawn:=false",
+                *remaps]
+    print("[demo] `ros2 launch` is not available (run scripts/setup_env.sh, then `. scripts/ros_env.sh`): starting "
+          "the node directly", flush=True)
+    return [sys.executable, "-m", "langgs_ros.ros.mapping_node", "--ros-args", "--params-file", str(params_path)]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGINT the process group of ``proc`` (ros2 launch and the node: clean ROS shutdown); SIGKILL after
+    ``timeout`` s."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,11 +53,9 @@ PARAMETERS: dict[str, ParamSpec] = {
                                      "feedforward backend), auto (tf if tf2_ros is installed, else odometry).",
                              choices=("auto", "tf", "odometry", "none")),
     "camera_extrinsic_xyz": ParamSpec([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame translation, "
-                                                       "m (used when tf has no such transform)."),
+                                                       "m."),
     "camera_extrinsic_rpy": ParamSpec([0.0, 0.0, 0.0], "Odometry child frame -> camera optical frame roll/pitch/"
-                                                       "yaw, rad (used when tf has no such transform)."),
-    "tf_timeout": ParamSpec(0.0, "s a tf lookup may block (0 = never block: the frame waits for tf instead).",
-                            RUNTIME, (0.0, 10.0)),
+                                                       "yaw, rad."),
     # ------------------------------------------------------------------ stamp matching and time
     "sync_tolerance": ParamSpec(0.05, "Max stamp difference (s) between a colour image and its depth, labels and "
                                       "odometry. A partner is final only when exact or bracketed by a later one.",
