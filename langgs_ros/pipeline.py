@@ -306,7 +306,7 @@ class MappingWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask the worker to stop after its current window and join it."""
+        """Ask the worker to stop after its current window (queued windows are not processed) and join it."""
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -386,7 +386,7 @@ class MappingWorker:
     def _process_windows(self) -> None:
         while True:
             with self._cv:
-                if not self._windows:
+                if not self._windows or self._stop:  # stopping: queued windows are left (the node is going down)
                     return
                 window = self._windows.popleft()
                 self.busy = True
