@@ -4,7 +4,8 @@ Open-vocabulary 3D mapping systems treat large planar background regions separat
 (ConceptGraphs, Gu et al., ICRA 2024, §III-B, drops background detections of walls/floors/ceilings before object
 fusion; OpenMask3D and LangSplat only score object masks). A CLIP crop of a wall is a poor, view-dependent
 "object" embedding that attracts generic queries. :func:`classify_stuff` finds such masks from depth: a mask is
-*stuff* when it covers at least ``min_area`` of the image and its back-projected pixels lie on one plane
+*stuff* when it covers at least ``min_area`` of the image, at least ``min_valid_fraction`` of its pixels have depth,
+and its back-projected pixels lie on one plane
 (least-squares plane refit on its inliers; ``inlier_fraction`` of the points within ``inlier_distance``); the
 plane's normal against the up direction names it:
 
@@ -32,6 +33,7 @@ class StuffConfig:
 
     Attributes:
         min_area: minimum mask area as a fraction of the image.
+        min_valid_fraction: minimum fraction of the mask's pixels with valid depth.
         inlier_distance: metres from the plane for a point to count as an inlier.
         inlier_fraction: minimum fraction of inliers for a planar mask.
         normal_cos: |cos| between normal and up for "horizontal" (and sqrt(1 - normal_cos²) for "vertical").
@@ -40,6 +42,7 @@ class StuffConfig:
     """
 
     min_area: float = 0.08
+    min_valid_fraction: float = 0.5
     inlier_distance: float = 0.03
     inlier_fraction: float = 0.85
     normal_cos: float = 0.9
@@ -94,7 +97,7 @@ def classify_stuff(masks: np.ndarray, depth: np.ndarray | None, intrinsics: np.n
         if m.sum() < cfg.min_area * H * W:
             continue
         ys, xs = np.nonzero(m & valid)
-        if len(ys) < 50:
+        if len(ys) < max(50, cfg.min_valid_fraction * m.sum()):
             continue
         if len(ys) > cfg.max_points:
             pick = np.linspace(0, len(ys) - 1, cfg.max_points).astype(np.int64)
