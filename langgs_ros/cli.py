@@ -1,7 +1,8 @@
 """``langgs``: build, query, render and inspect semantic Gaussian maps from the command line (no ROS needed).
 
     langgs map --rgbd DIR --out MAP.ply [--semantic labels|clip_sam] [--backend rgbd|feedforward] [--window N]
-    langgs query MAP.ply "TEXT" [--top-k K] [--json]
+    langgs query MAP.ply "TEXT" ["TEXT" ...] [--queries-file FILE] [--top-k K] [--json]
+    langgs eval MAP.ply --objects objects.json [--queries FILE] [--margin 0.10]
     langgs render MAP.ply (--pose 16 numbers | --pose-file FILE --index I) --intrinsics FX FY CX CY
                   --size W H --out view.png [--what rgb|depth|instances]
     langgs info MAP.ply
@@ -128,30 +129,95 @@ def text_encoder_for(encoder_id: str, device: str = "cpu"):
     return encoder_from_id(encoder_id, device=device)
 
 
+def _read_query_lines(path: str) -> list[str]:
+    """Query phrases of a file: one per line; blank lines and lines starting with ``#`` are skipped."""
+    from pathlib import Path
+
+    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def cmd_query(args: argparse.Namespace) -> int:
-    """Answer a text query against a saved map."""
+    """Answer text queries against a saved map, all in this process (the models are loaded once).
+
+    Queries: the positional ``TEXT`` arguments, then the lines of ``--queries-file``. With ``--json`` one JSON line
+    per query (:func:`langgs_ros.query.to_json_dict`; a query that fails adds ``"error"``). A query that nothing
+    reaches above ``min_score`` prints the best candidates and their scores on stderr. Exit code 2 if any query
+    was rejected (empty, too long) or no query was given.
+    """
     from langgs_ros.persistence import load_map
     from langgs_ros.query import QueryConfig, QueryEngine, to_json_dict
 
+    texts = list(args.text or [])
+    if args.queries_file:
+        texts += _read_query_lines(args.queries_file)
+    if not texts:
+        print("[langgs] error: no query given (TEXT arguments or --queries-file)", file=sys.stderr)
+        return 2
     snap = load_map(args.map)
     engine = QueryEngine(text_encoder_for(snap.encoder_id, args.device), QueryConfig())
-    try:
-        results = engine.query(snap, args.text, top_k=args.top_k, min_score=args.min_score,
-                               negatives=args.negative or ())
-    except ValueError as exc:
-        print(f"[langgs] error: {exc}", file=sys.stderr)
-        return 2
-    out = to_json_dict(results, args.text)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        if not results:
-            print(f"no object matches {args.text!r}")
+    failed = 0
+    for text in texts:
+        try:
+            ans = engine.answer(snap, text, top_k=args.top_k, min_score=args.min_score,
+                                negatives=args.negative or ())
+        except ValueError as exc:
+            failed += 1
+            print(f"[langgs] error: {text[:60]!r}: {exc}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"query": text, "objects": [], "error": str(exc)}), flush=True)
+            continue
+        out = to_json_dict(ans.objects, text)
+        if ans.message:
+            print(f"[langgs] {ans.message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(out), flush=True)
+            continue
+        if len(texts) > 1:
+            print(f"{text}:")
+        if not ans.objects:
+            print(f"no object matches {text!r} ({ans.message.split(': ', 1)[-1]})")
         for o in out["objects"]:
             c = ", ".join(f"{x:.2f}" for x in o["center"])
             s = " x ".join(f"{x:.2f}" for x in o["size"])
             print(f"{o['score']:.3f}  #{o['id']:<4} {o['name'] or '?':<24} center [{c}] m  size {s} m  "
                   f"yaw {o['yaw']:.2f} rad  ({o['num_gaussians']} Gaussians)")
+    return 2 if failed else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Localisation accuracy of a saved map against annotated boxes (:mod:`langgs_ros.evaluation`).
+
+    Prints one JSON line per query (``query``, ``targets``, ``found``, ``iou``, ``iou_target``, ``top`` = the top-1
+    result as ``langgs query --json`` prints it, or null) and ``accuracy X% (k/n)`` last.
+    """
+    from langgs_ros.evaluation import build_queries, load_eval_objects, read_queries, score_query
+    from langgs_ros.persistence import load_map
+    from langgs_ros.query import QueryConfig, QueryEngine, to_json_dict
+
+    objects = load_eval_objects(args.objects)
+    queries = read_queries(args.queries, objects) if args.queries else build_queries(objects)
+    by_id = {o.id: o for o in objects}
+    snap = load_map(args.map)
+    engine = QueryEngine(text_encoder_for(snap.encoder_id, args.device), QueryConfig())
+    found = 0
+    ious = []
+    for q in queries:
+        ans = engine.answer(snap, q.text, top_k=1, min_score=args.min_score)
+        top = None
+        if ans.objects:
+            top = to_json_dict(ans.objects[:1], q.text)["objects"][0]
+            top["rotation"] = np.asarray(ans.objects[0].box_rotation).tolist()
+        hit, iou, iou_target = score_query(q, top, by_id, margin=args.margin, up=snap.up)
+        found += hit
+        ious.append(iou)
+        line = {"query": q.text, "targets": q.targets, "found": hit, "iou": round(iou, 4), "iou_target": iou_target,
+                "top": top}
+        if ans.message:
+            line["message"] = ans.message
+        print(json.dumps(line), flush=True)
+    n = len(queries)
+    print(f"mean IoU {float(np.mean(ious)) if ious else 0.0:.3f}")
+    print(f"accuracy {100.0 * found / max(n, 1):.1f}% ({found}/{n})")
     return 0
 
 
@@ -219,15 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_map)
 
-    q = sub.add_parser("query", help="find objects by text")
+    q = sub.add_parser("query", help="find objects by text (several queries: one process, one JSON line each)")
     q.add_argument("map")
-    q.add_argument("text")
+    q.add_argument("text", nargs="*", help="query phrase(s)")
+    q.add_argument("--queries-file", help="file with one query per line (# comments, blank lines skipped)")
     q.add_argument("--top-k", type=int, default=None)
     q.add_argument("--min-score", type=float, default=None)
     q.add_argument("--negative", action="append", help="extra negative phrase (repeatable)")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--json", action="store_true", help="print one JSON object per query, one per line")
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=cmd_query)
+
+    e = sub.add_parser("eval", help="localisation accuracy against annotated 3D boxes (LERF-style, top-1 in box)")
+    e.add_argument("map")
+    e.add_argument("--objects", required=True, help="annotations (objects.json: id, name, synonyms, center, size, "
+                                                     "rotation)")
+    e.add_argument("--queries", help="file: one phrase per line, optionally 'PHRASE => ID, NAME' (default: every "
+                                     "name and synonym)")
+    e.add_argument("--margin", type=float, default=0.10, help="m; the box is grown by this on every side")
+    e.add_argument("--min-score", type=float, default=None, help="relevancy threshold (default: the engine's)")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("render", help="render a view of a map")
     r.add_argument("map")

@@ -36,7 +36,9 @@ from langgs_ros.semantics.base import TextEncoder
 from langgs_ros.types import MapSnapshot
 
 __all__ = [
+    "Candidate",
     "ObjectResult",
+    "QueryAnswer",
     "QueryConfig",
     "QueryEngine",
     "approach_pose",
@@ -103,6 +105,61 @@ class ObjectResult:
     approach_yaw: float
     box_rotation: np.ndarray
     centroid: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+
+@dataclass
+class Candidate:
+    """An instance's relevancy for a query, whether or not it passed ``min_score`` (for operator messages).
+
+    Attributes:
+        instance_id: map instance id. name: instance name (``None`` when unknown). score: LERF relevancy in (0, 1).
+    """
+
+    instance_id: int
+    name: str | None
+    score: float
+
+    @property
+    def label(self) -> str:
+        """The name, or ``#<id>`` for unnamed instances (``clip_sam``)."""
+        return self.name if self.name else f"#{self.instance_id}"
+
+
+@dataclass
+class QueryAnswer:
+    """What :meth:`QueryEngine.answer` returns: the results plus an operator message.
+
+    Attributes:
+        query: the query text (stripped).
+        objects: the :class:`ObjectResult` list of :meth:`QueryEngine.query` (above ``min_score``, best first).
+        candidates: the best instances by relevancy regardless of ``min_score`` (at most ``num_candidates``,
+            one per distinct name — fragments of one object share a name —, best first).
+        min_score: the threshold that was applied.
+        message: ``""`` when objects were found; otherwise e.g.
+            ``"settee: nothing above 0.50; best: sofa 0.47, couch table 0.45"`` (or ``"...; the map has no
+            instances"``). A service answers ``success=true`` with this message: an empty result is an answer.
+    """
+
+    query: str
+    objects: list[ObjectResult]
+    candidates: list[Candidate]
+    min_score: float
+    message: str
+
+
+def format_no_match(query: str, min_score: float, candidates: Sequence[Candidate]) -> str:
+    """The operator message for a query no instance reaches: ``"<query>: nothing above <thr>; best: a 0.47, ..."``.
+
+    Scores are printed with 2 decimals (3 when two decimals would show the threshold itself).
+    """
+    def fmt(x: float) -> str:
+        two = f"{x:.2f}"
+        return f"{x:.3f}" if two == f"{min_score:.2f}" else two
+
+    head = f"{query}: nothing above {min_score:.2f}"
+    if not candidates:
+        return f"{head}; the map has no instances"
+    return f"{head}; best: " + ", ".join(f"{c.label} {fmt(c.score)}" for c in candidates)
 
 
 def lerf_relevancy(embeddings: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor,
@@ -266,6 +323,51 @@ class QueryEngine:
             raise ValueError(f"map embedding dim {E.shape[1]} != text embedding dim {emb.shape[1]}")
         return lerf_relevancy(E, emb[0], emb[1:], self.config.temperature)
 
+    def candidates(self, snapshot: MapSnapshot, scores: torch.Tensor, n: int = 3) -> list[Candidate]:
+        """The ``n`` best instances of ``snapshot`` by ``scores`` (from :meth:`scores`), one per distinct name
+        (unnamed instances each count as their own), ignoring ``min_score``; instances without Gaussians skipped.
+        """
+        inst = snapshot.instances
+        if scores.numel() == 0 or n < 1:
+            return []
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        out: list[Candidate] = []
+        seen: set[str] = set()
+        for r in order:
+            if int(inst.num_gaussians[r]) <= 0:
+                continue
+            name = inst.names[r]
+            key = name if name else f"#{int(inst.ids[r])}"
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(Candidate(int(inst.ids[r]), name, float(scores[r])))
+            if len(out) >= n:
+                break
+        return out
+
+    def answer(self, snapshot: MapSnapshot, text: str, top_k: int | None = None, min_score: float | None = None,
+               negatives: Sequence[str] = (), num_candidates: int = 3) -> QueryAnswer:
+        """:meth:`query` plus the best candidates and an operator message for the no-match case.
+
+        For a ROS ``FindObject`` response: ``success = True``, ``objects`` from ``answer.objects`` and
+        ``message = answer.message`` (empty when something was found; ``"settee: nothing above 0.50; best: sofa
+        0.47"`` when nothing passed ``min_score``). Scores are computed once.
+
+        Args:
+            num_candidates: how many best candidates to report (one per distinct name).
+
+        Raises:
+            ValueError: as :meth:`query`.
+        """
+        thr = self.config.min_score if min_score is None else float(min_score)
+        s = self.scores(snapshot, text, negatives)
+        objects = self._results(snapshot, s, top_k, thr)
+        cands = self.candidates(snapshot, s, num_candidates)
+        q = text.strip()
+        msg = "" if objects else format_no_match(q, thr, cands)
+        return QueryAnswer(query=q, objects=objects, candidates=cands, min_score=thr, message=msg)
+
     def query(self, snapshot: MapSnapshot, text: str, top_k: int | None = None, min_score: float | None = None,
               negatives: Sequence[str] = ()) -> list[ObjectResult]:
         """Best-matching object instances for ``text``, highest relevancy first.
@@ -288,7 +390,12 @@ class QueryEngine:
         if k < 1:
             raise ValueError(f"top_k must be >= 1, got {k}")
         thr = self.config.min_score if min_score is None else float(min_score)
-        s = self.scores(snapshot, text, negatives)
+        return self._results(snapshot, self.scores(snapshot, text, negatives), k, thr)
+
+    def _results(self, snapshot: MapSnapshot, s: torch.Tensor, top_k: int | None, thr: float) -> list[ObjectResult]:
+        k = self.config.top_k if top_k is None else int(top_k)
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {k}")
         inst = snapshot.instances
         if s.numel() == 0:
             return []

@@ -34,21 +34,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from langgs_ros.geometry import quat_to_rotmat, scales_quats_from_covariance
 from langgs_ros.types import Gaussians
 
 __all__ = [
     "MAX_OCC_INSTANCE",
+    "CellLevelLock",
     "SparsifyConfig",
     "SparsifyResult",
     "cell_keys",
+    "lock_cell_levels",
+    "lock_cells_to_finest",
     "merge_by_inverse",
     "merge_weights",
     "occupancy_instance_part",
     "occupancy_keys",
     "occupancy_voxel_part",
+    "snapshot_levels",
+    "sorted_insert",
+    "sorted_lookup",
     "sparsify",
     "sparsify_with_keys",
     "voxel_keys",
@@ -319,3 +327,145 @@ def sparsify(g: Gaussians, view_distance: torch.Tensor, config: SparsifyConfig |
         raise ValueError(f"view_distance must have shape ({len(g)},), got {tuple(view_distance.shape)}")
     lv = voxel_levels(view_distance.to(g.means.device), cfg) if levels is None else levels
     return sparsify_with_keys(g, lv, cfg).gaussians
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sorted key arrays (the map's key index, cell table and occupancy sets)
+# ----------------------------------------------------------------------------------------------------------------
+def sorted_insert(sorted_arr: torch.Tensor, new_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Merge sorted ``new_sorted`` (values absent from ``sorted_arr``) into the sorted array.
+
+    Args:
+        sorted_arr: (M,) sorted ascending. new_sorted: (m,) sorted ascending, disjoint from ``sorted_arr``.
+
+    Returns:
+        ``(merged (M + m,), positions of the old entries (M,), positions of the new entries (m,))`` (int64
+        positions in ``merged``).
+    """
+    M, m = sorted_arr.numel(), new_sorted.numel()
+    dev = sorted_arr.device
+    pos = torch.searchsorted(sorted_arr, new_sorted)
+    new_pos = pos + torch.arange(m, device=dev)
+    old_pos = torch.arange(M, device=dev) + torch.searchsorted(pos, torch.arange(M, device=dev), right=True)
+    out = torch.empty(M + m, dtype=sorted_arr.dtype, device=dev)
+    out[old_pos] = sorted_arr
+    out[new_pos] = new_sorted
+    return out, old_pos, new_pos
+
+
+def sorted_lookup(sorted_keys: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``keys`` (N,) in the sorted ``sorted_keys`` (M,) and an (N,) bool hit mask.
+
+    Positions of misses are clamped into ``[0, M)`` (meaningless; mask them with ``hit``).
+    """
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys), torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    pos = torch.searchsorted(sorted_keys, keys)
+    pc = pos.clamp(max=sorted_keys.numel() - 1)
+    return pc, (pos < sorted_keys.numel()) & (sorted_keys[pc] == keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Level-of-detail policy of an incremental map: one level locked per cell
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class CellLevelLock:
+    """Output of :func:`lock_cell_levels`.
+
+    Attributes:
+        levels: (N,) int8 key level per input Gaussian (its cell's lock after this observation).
+        cells: (C',) int64 sorted cell keys (the input table plus the newly seen cells).
+        cell_levels: (C',) int8 locked level per cell.
+        refined_cells: (R,) int64 sorted keys of already-locked cells whose lock became finer now; the map must
+            re-key its coarser Gaussians there (``refined_levels`` = the new locks, (R,) int8).
+    """
+
+    levels: torch.Tensor
+    cells: torch.Tensor
+    cell_levels: torch.Tensor
+    refined_cells: torch.Tensor
+    refined_levels: torch.Tensor
+
+
+def lock_cell_levels(means: torch.Tensor, requested: torch.Tensor, cells: torch.Tensor, cell_levels: torch.Tensor,
+                     refine_min_levels: int, config: SparsifyConfig) -> CellLevelLock:
+    """Per-cell level locking of an incremental map (the policy of :mod:`langgs_ros.fusion`).
+
+    The cell is the level-``max_level`` voxel containing a mean (:func:`cell_keys`). A cell observed for the
+    first time is locked at the finest level requested there; a locked cell keeps its level unless this
+    observation requests ``refine_min_levels`` levels finer or more, in which case the lock moves to the
+    requested level (the cell is *refined*).
+
+    Args:
+        means: (N, 3) float positions (m). requested: (N,) int requested level per Gaussian (e.g.
+            :func:`voxel_levels` of the view distance).
+        cells: (C,) int64 sorted cell keys of the map. cell_levels: (C,) int8 their locks (not modified).
+        refine_min_levels: refinement threshold (levels, >= 1).
+        config: :class:`SparsifyConfig`.
+
+    Returns:
+        :class:`CellLevelLock`.
+    """
+    dev = means.device
+    req = requested.to(torch.int32)  # int32: scatter min is not atomic-safe for int8 on GPUs
+    ck = cell_keys(means, config)
+    uc, inv = torch.unique(ck, return_inverse=True)
+    req_c = torch.full((uc.numel(),), config.max_level, dtype=torch.int32, device=dev)
+    req_c = req_c.scatter_reduce(0, inv, req, reduce="amin").to(torch.int8)
+    pos, hit = sorted_lookup(cells, uc)
+    final = req_c.clone()
+    cell_levels = cell_levels.clone()
+    refined_cells = torch.zeros(0, dtype=torch.int64, device=dev)
+    refined_levels = torch.zeros(0, dtype=torch.int8, device=dev)
+    if bool(hit.any()):
+        locked = cell_levels[pos[hit]]
+        refine = req_c[hit].to(torch.int16) <= locked.to(torch.int16) - refine_min_levels
+        final[hit] = torch.where(refine, req_c[hit], locked)
+        if bool(refine.any()):
+            cell_levels[pos[hit][refine]] = req_c[hit][refine]
+            refined_cells, refined_levels = uc[hit][refine], req_c[hit][refine]
+    miss = ~hit
+    if bool(miss.any()):
+        cells, old_pos, new_pos = sorted_insert(cells, uc[miss])
+        lv = torch.empty(cells.numel(), dtype=torch.int8, device=dev)
+        lv[old_pos] = cell_levels
+        lv[new_pos] = req_c[miss]
+        cell_levels = lv
+    return CellLevelLock(final[inv], cells, cell_levels, refined_cells, refined_levels)
+
+
+def snapshot_levels(means: torch.Tensor, scales: torch.Tensor, camera_positions: np.ndarray,
+                    config: SparsifyConfig) -> torch.Tensor:
+    """Levels of stored Gaussians whose levels were not saved (a loaded snapshot).
+
+    From each Gaussian's distance to the nearest recorded camera position (the closest it can have been observed
+    from, i.e. the finest level a map would have locked); without cameras from its largest scale
+    (``ℓ = round(log2(2√3 · s_max / base))``: a voxel of edge ``a`` filled uniformly has σ ≈ a/√12).
+
+    Args:
+        means: (N, 3) float (m). scales: (N, 3) float standard deviations (m). camera_positions: (P, 3) float64.
+
+    Returns:
+        (N,) int8 levels in ``[0, max_level]``.
+    """
+    if len(camera_positions):
+        dist, _ = cKDTree(camera_positions).query(means.double().cpu().numpy(), k=1)
+        return voxel_levels(torch.as_tensor(dist, dtype=torch.float32, device=means.device), config)
+    smax = scales.max(dim=1).values.clamp_min(1e-9)
+    lv = torch.round(torch.log2(2 * math.sqrt(3) * smax / config.base_voxel_size))
+    return lv.clamp(0, config.max_level).to(torch.int8)
+
+
+def lock_cells_to_finest(means: torch.Tensor, levels: torch.Tensor, config: SparsifyConfig
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lock each cell to the finest of ``levels`` (N,) found in it.
+
+    Returns:
+        ``(levels (N,) int8 = the lock of each Gaussian's cell, cells (C,) int64 sorted, cell_levels (C,) int8)``.
+    """
+    ck = cell_keys(means, config)
+    uc, inv = torch.unique(ck, return_inverse=True)
+    cl = torch.full((uc.numel(),), config.max_level, dtype=torch.int32, device=means.device)
+    cl = cl.scatter_reduce(0, inv, levels.to(torch.int32), reduce="amin").to(torch.int8)
+    return cl[inv], uc, cl

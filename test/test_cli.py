@@ -62,3 +62,86 @@ def test_bad_input_gives_clear_errors(small_map: Path, tmp_path: Path) -> None:
         proc = run(*args)
         assert proc.returncode == 2, (args[0], proc.stdout, proc.stderr)
         assert "error" in proc.stderr and text in proc.stderr
+
+
+def test_many_queries_one_process(small_map: Path, tmp_path: Path) -> None:
+    """Positional queries and a queries file are answered in one process, one JSON line each, in the format of
+    a single ``langgs query --json``; a rejected query gets an error line and exit code 2."""
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("# comment\nsofa\n\n  espresso machine  \nred backpack\n")
+    proc = run("query", str(small_map), "red backpack", "couch", "--queries-file", str(qfile), "--json",
+               "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert [d["query"] for d in lines] == ["red backpack", "couch", "sofa", "espresso machine", "red backpack"]
+    single = json.loads(run("query", str(small_map), "red backpack", "--json", "--top-k", "2").stdout)
+    assert lines[0] == single and lines[4] == single  # same answer as one query per process
+    for d in lines:
+        assert set(d) == {"query", "objects"}
+    proc = run("query", str(small_map), "sofa", " ", "--json")
+    assert proc.returncode == 2 and "empty" in proc.stderr
+    bad = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert bad[0]["query"] == "sofa" and "error" not in bad[0] and "empty" in bad[1]["error"]
+    assert run("query", str(small_map)).returncode == 2
+
+
+def _independent_iou(top: dict, box: dict, n: int = 400_000) -> float:
+    """IoU by Monte Carlo: uniform samples of each box, the fraction inside the other (independent of the
+    polygon clipping in langgs_ros.evaluation)."""
+    rng = np.random.default_rng(0)
+
+    def inside(p: np.ndarray, b: dict) -> np.ndarray:
+        local = (p - np.asarray(b["center"])) @ np.asarray(b["rotation"])
+        return np.all(np.abs(local) <= np.asarray(b["size"]) / 2, axis=1)
+
+    def sample(b: dict) -> np.ndarray:
+        local = (rng.random((n, 3)) - 0.5) * np.asarray(b["size"])
+        return local @ np.asarray(b["rotation"]).T + np.asarray(b["center"])
+
+    va, vb = float(np.prod(top["size"])), float(np.prod(box["size"]))
+    inter = 0.5 * (inside(sample(top), box).mean() * va + inside(sample(box), top).mean() * vb)
+    return float(inter / (va + vb - inter))
+
+
+def test_eval_agrees_with_an_independent_scorer(small_map: Path, hololens_dir: Path, tmp_path: Path) -> None:
+    objects_json = hololens_dir / "annotations" / "objects.json"
+    proc = run("eval", str(small_map), "--objects", str(objects_json))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    lines = [json.loads(ln) for ln in out[:-2]]
+    assert out[-2].startswith("mean IoU ")
+    ann = json.loads(objects_json.read_text())["objects"]
+    phrases = {t.lower() for o in ann for t in [o["name"], *o["synonyms"]]}
+    assert sorted(d["query"].lower() for d in lines) == sorted(phrases)  # every name and synonym once
+    boxes = {o["id"]: o for o in ann}
+    k = 0
+    for d in lines:
+        assert d["targets"] == [o["id"] for o in ann if d["query"].lower() in
+                                {t.lower() for t in [o["name"], *o["synonyms"]]}]
+        top = d["top"]
+        if top is None:
+            assert not d["found"] and d["iou"] == 0.0
+            continue
+        c = np.asarray(top["center"])
+        hit = any(np.all(np.abs(np.asarray(boxes[t]["rotation"]).T @ (c - np.asarray(boxes[t]["center"])))
+                         <= np.asarray(boxes[t]["size"]) / 2 + 0.10) for t in d["targets"])
+        assert d["found"] == hit, d["query"]
+        k += hit
+        best = max(_independent_iou(top, boxes[t]) for t in d["targets"])
+        assert abs(d["iou"] - best) < 0.02, (d["query"], d["iou"], best)
+    assert out[-1] == f"accuracy {100.0 * k / len(lines):.1f}% ({k}/{len(lines)})"
+    assert k >= 5  # the sofa / backpack phrases are visible in frames 4:16
+    # Same answers as `langgs query` (top-1 of each phrase).
+    q = run("query", str(small_map), *[d["query"] for d in lines[:6]], "--json", "--top-k", "1")
+    for d, qd in zip(lines[:6], (json.loads(ln) for ln in q.stdout.splitlines())):
+        assert (qd["objects"][0]["id"] if qd["objects"] else None) == (d["top"]["id"] if d["top"] else None)
+    # A queries file with explicit targets; a wrong margin changes nothing but the box test.
+    qf = tmp_path / "q.txt"
+    qf.write_text("sofa\nbeige seat => 1\n# skipped\nsomething => sofa, 2\n")
+    proc = run("eval", str(small_map), "--objects", str(objects_json), "--queries", str(qf), "--margin", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(ln) for ln in proc.stdout.splitlines()[:-2]]
+    assert [(d["query"], d["targets"]) for d in got] == [("sofa", [1]), ("beige seat", [1]), ("something", [1, 2])]
+    qf.write_text("flux capacitor\n")
+    proc = run("eval", str(small_map), "--objects", str(objects_json), "--queries", str(qf))
+    assert proc.returncode == 2 and "flux capacitor" in proc.stderr

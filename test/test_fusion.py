@@ -144,7 +144,7 @@ def test_refinement_rekeys_coarse_gaussians() -> None:
     m = SemanticGaussianMap("synthetic", 4, FusionConfig(min_segment_points=20), cfg)
     target = [1.2, -0.1, 0.3]
     integrate_views(m, [BOX_A], [[-6.0, -0.1, 1.5]], target, EMB)
-    coarse = int((m._levels[: m.num_gaussians] >= 2).sum())
+    coarse = int((m.store.levels >= 2).sum())
     assert coarse > 0
     n0 = m.num_gaussians
     integrate_views(m, [BOX_A], [[0.6, -0.1, 0.9]], target, EMB)  # < 0.8 m for the near face: level 0
@@ -166,17 +166,17 @@ def test_far_view_seen_before_a_refinement_does_not_grow_the_map_when_seen_again
     integrate_views(m, [BOX_A], far, target, EMB)
     integrate_views(m, [BOX_A], near, target, EMB)  # refines the near face's cells
     n1 = m.num_gaussians
-    assert m._keys.numel() > n1  # aliases of the re-keyed coarse Gaussians
-    mass = float(m._weights[:n1].sum())
+    assert m.store.index_keys.numel() > n1  # aliases of the re-keyed coarse Gaussians
+    mass = float(m.store.weights[:n1].sum())
     st = integrate_views(m, [BOX_A], far, target, EMB)
     assert st.inserted_gaussians == 0 and m.num_gaussians == n1
-    assert float(m._weights[: m.num_gaussians].sum()) > mass  # merged, not dropped
+    assert float(m.store.weights.sum()) > mass  # merged, not dropped
     st = integrate_views(m, [BOX_A], far + near, target, EMB)
     assert st.inserted_gaussians == 0 and m.num_gaussians == n1 and st.new_instances == 0
     # Aliases follow their rows through eviction (no stale row indices).
     m.config.max_gaussians = n1 // 2
     integrate_views(m, [BOX_A], far, target, EMB)
-    assert bool((m._rows < m.num_gaussians).all()) and m._keys.numel() >= m.num_gaussians
+    assert bool((m.store.index_rows < m.num_gaussians).all()) and m.store.index_keys.numel() >= m.num_gaussians
 
 
 def test_instances_bridged_by_a_later_view_are_merged() -> None:

@@ -192,3 +192,30 @@ def test_query_results_carry_approach_and_json() -> None:
     assert set(d["objects"][0]) == {"id", "name", "score", "center", "size", "yaw", "num_gaussians"}
     json.dumps(d)
     assert to_json_dict([], "x") == {"query": "x", "objects": []}
+
+
+def test_answer_names_best_candidates_below_threshold() -> None:
+    """A query nothing reaches above min_score: no objects, and a message with the best candidates (one per
+    name) and their scores, computed from the same relevancy as query()."""
+    e = torch.eye(D)
+    emb = torch.stack([_unit(e[0] + 0.05 * e[3]), _unit(e[0] + 0.05 * e[3]), _unit(e[1]), _unit(e[2])])
+    snap = _snapshot(emb, [[0, 0, 0.5], [0.1, 0, 0.5], [2, 0, 0.4], [1, 1, 0.8]], [[0.5] * 3] * 4, [0.0] * 4,
+                     ["chair", "chair", "table", None])
+    enc = _encoder()
+    qe = QueryEngine(enc, QueryConfig(min_score=0.8))
+    ans = qe.answer(snap, " a seat ")
+    s = qe.scores(snap, "a seat")
+    assert ans.objects == [] and ans.query == "a seat" and ans.min_score == 0.8
+    assert 0.5 < float(s.max()) <= 0.8
+    # One candidate per name (the two chair fragments count once), best first, the unnamed one as #id.
+    assert [c.label for c in ans.candidates] == ["chair", "table", "#3"]
+    assert ans.candidates[0].score == pytest.approx(float(s[:2].max()))
+    assert ans.message.startswith("a seat: nothing above 0.80; best: chair ")
+    assert f"chair {ans.candidates[0].score:.2f}" in ans.message and "table" in ans.message
+    # Found -> same objects as query(), empty message.
+    ans = qe.answer(snap, "chair", top_k=2, min_score=0.5)
+    assert [r.instance_id for r in ans.objects] == [0, 1]
+    assert [r.instance_id for r in qe.query(snap, "chair", top_k=2, min_score=0.5)] == [0, 1]
+    assert ans.message == "" and ans.candidates[0].name == "chair"
+    empty = MapSnapshot(gaussians=Gaussians.empty(), instances=InstanceTable.empty(D), encoder_id="fixed:test")
+    assert qe.answer(empty, "chair").message == "chair: nothing above 0.80; the map has no instances"

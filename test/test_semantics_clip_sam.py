@@ -222,3 +222,190 @@ def test_full_preset_missing_weights(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ClipSamSemanticSource(preset="full", sam_checkpoint=tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="unknown SAM model type"):
         resolve_sam_checkpoint("vit_x")
+
+
+# ------------------------------------------------------------------------------------ multi-level, crops, stuff
+
+LOW = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+
+
+def test_level_generator_matches_the_library_generator(seq: RGBDSequence) -> None:
+    """With NMS off, all three levels = the library generator's pooled output (same masks); one level = the
+    masks of that multimask output only (a subset)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from langgs_ros.semantics.sam_levels import make_level_generator
+
+    sam = build_sam_tiny(seed=0)
+    rgb = seq.frame(seq.names.index("00063")).rgb[::2, ::2].copy()
+    ref = SamAutomaticMaskGenerator(sam, points_per_side=3, **LOW).generate(rgb)
+    allv = make_level_generator(sam, ("whole", "part", "subpart"), points_per_side=3, **LOW).generate_levels(rgb)
+    assert len(ref) == len(allv) == 27  # 9 points x 3 outputs, nothing filtered
+    key = lambda m: np.packbits(m).tobytes()  # noqa: E731
+    assert sorted(key(r["segmentation"]) for r in ref) == sorted(key(r["segmentation"]) for r in allv)
+    assert sorted(r["level"] for r in allv) == [0] * 9 + [1] * 9 + [2] * 9
+    whole = make_level_generator(sam, ("whole",), points_per_side=3, **LOW).generate_levels(rgb)
+    assert {key(r["segmentation"]) for r in whole} == {key(r["segmentation"]) for r in allv if r["level"] == 2}
+    with pytest.raises(ValueError, match="levels"):
+        make_level_generator(sam, ("everything",))
+
+
+def test_multi_crop_embedding_is_the_mean_of_the_crops(tiny_clip: OpenClipModel) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    masks = np.zeros((2, 60, 80), bool)
+    masks[0, 10:30, 10:40] = True
+    masks[1, 35:55, 50:75] = True
+    src = ClipSamSemanticSource(preset="tiny", points_per_side=2, clip=tiny_clip, crop_contexts=(0.1, 0.5))
+    got = src.embed_masks(rgb, masks)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    ref = torch.stack([tiny_clip.encode_image(masked_crops(image, torch.from_numpy(masks), tiny_clip.image_size,
+                                                           context=c, fill=tiny_clip.mean)) for c in (0.1, 0.5)])
+    torch.testing.assert_close(got, torch.nn.functional.normalize(ref.mean(0), dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_window_batched_clip_pass_equals_per_frame(seq: RGBDSequence, tiny_clip: OpenClipModel) -> None:
+    frames = [seq.frame(seq.names.index(n)) for n in ("00031", "00063")]
+    for f in frames:  # half resolution keeps the test fast
+        f.rgb, f.depth = f.rgb[::2, ::2].copy(), f.depth[::2, ::2].copy()
+        f.intrinsics = f.intrinsics.copy()
+        f.intrinsics[:2] /= 2
+        f.labels = None
+    src = ClipSamSemanticSource(preset="tiny", points_per_side=3, clip=tiny_clip, batch_size=7, max_masks=12,
+                                **LOW)
+    both = src.segment(frames)
+    t = src.last_timings
+    assert t["frames"] == 2 and all(t[k] > 0 for k in ("sam", "resolve", "crops", "clip"))
+    for f, seg in zip(frames, both):
+        one = src.segment([f])[0]
+        np.testing.assert_array_equal(one.instance_ids, seg.instance_ids)
+        torch.testing.assert_close(one.embeddings, seg.embeddings, atol=1e-5, rtol=1e-5)
+        assert seg.num_instances >= 1
+
+
+def _plane_depth(K: np.ndarray, H: int, W: int, n: np.ndarray, d: float) -> np.ndarray:
+    """z-depth of the plane n·p = d (camera frame) at every pixel (0 where the ray misses it)."""
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
+    rays = np.stack([(xs - K[0, 2]) / K[0, 0], (ys - K[1, 2]) / K[1, 1], np.ones_like(xs)], axis=-1)
+    denom = rays @ n
+    z = np.where(np.abs(denom) > 1e-6, d / np.where(np.abs(denom) > 1e-6, denom, 1.0), 0.0)
+    return np.where(z > 0, z, 0.0).astype(np.float32)
+
+
+def test_stuff_classification_from_depth(seq: RGBDSequence) -> None:
+    from langgs_ros.semantics.stuff import camera_up, classify_stuff
+
+    H, W = 120, 160
+    K = np.array([[100.0, 0, 80], [0, 100.0, 60], [0, 0, 1]])
+    up = np.array([0.0, -1.0, 0.0])  # camera looking horizontally, y down
+    floor = _plane_depth(K, H, W, up, -1.4)      # 1.4 m below the camera
+    wall = _plane_depth(K, H, W, np.array([0.0, 0.0, 1.0]), 3.0)  # facing the camera at 3 m
+    table = _plane_depth(K, H, W, up, -0.5)      # horizontal, 0.5 m below: an object, not floor
+    rng = np.random.default_rng(0)
+    blob = (2.0 + 0.3 * rng.standard_normal((H, W))).astype(np.float32)  # not planar
+    bottom = np.zeros((H, W), bool)
+    bottom[80:, :] = True
+    top = np.zeros((H, W), bool)
+    top[:40, :] = True
+    small = np.zeros((H, W), bool)
+    small[90:95, 10:20] = True
+    depth = np.where(bottom, floor, wall)
+    names = classify_stuff(np.stack([bottom, top, small]), depth, K, up)
+    assert names == ["floor", "wall", None]
+    assert classify_stuff(bottom[None], np.where(bottom, table, 0), K, up) == [None]
+    assert classify_stuff(top[None], blob, K, up) == [None]
+    assert classify_stuff(bottom[None], None, K, up) == [None]
+    # Up from the pose: a camera rolled by 90 degrees sees the floor on its side.
+    R = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])  # world_from_camera rotation
+    pose = np.eye(4)
+    pose[:3, :3] = R
+    np.testing.assert_allclose(camera_up(pose, np.array([1.0, 0, 0])), [0, -1, 0], atol=1e-12)
+    np.testing.assert_allclose(camera_up(None, None), [0, -1, 0])
+    # Real frame: the pixels that lie on the annotated floor plane of hololens are a floor.
+    import json
+
+    meta = json.loads((seq.root / "annotations" / "objects.json").read_text())
+    normal, offset = np.asarray(meta["floor_plane"]["normal"]), float(meta["floor_plane"]["offset"])
+    best = None
+    for i in range(0, len(seq), 6):
+        f = seq.frame(i)
+        v, u = np.nonzero(f.depth > 0)
+        z = f.depth[v, u].astype(np.float64)
+        pc = np.stack([(u - f.intrinsics[0, 2]) * z / f.intrinsics[0, 0],
+                       (v - f.intrinsics[1, 2]) * z / f.intrinsics[1, 1], z], 1)
+        pw = pc @ f.world_from_camera[:3, :3].T + f.world_from_camera[:3, 3]
+        on = np.abs(pw @ normal + offset) < 0.02
+        m = np.zeros(f.depth.shape, bool)
+        m[v[on], u[on]] = True
+        if best is None or m.sum() > best[1].sum():
+            best = (f, m)
+    f, m = best
+    assert m.mean() > 0.08
+    assert classify_stuff(m[None], f.depth, f.intrinsics, camera_up(f.world_from_camera, normal)) == ["floor"]
+
+
+class KnownMasksSource(ClipSamSemanticSource):
+    """Test double of the mask stage only: stands in for a trained SAM (the tiny random SAM's masks are
+    meaningless) by returning fixed masks; resolution, stuff policy, crops and the CLIP tower are the real ones."""
+
+    def __init__(self, masks: np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.known = masks
+
+    def generate_masks(self, rgb: np.ndarray) -> list[dict]:
+        return [{"segmentation": m, "area": int(m.sum()), "predicted_iou": 0.9, "stability_score": 0.9,
+                 "level": 2} for m in self.known]
+
+
+def test_stuff_policy_and_smaller_masks_subtracted(tiny_clip: OpenClipModel) -> None:
+    """A synthetic RGB-D frame: lower half a floor plane 1.5 m below the camera with a box standing on it, upper
+    half non-planar clutter. Policy "label": the floor mask becomes a 'floor' instance embedded as the CLIP text
+    of 'floor'; "drop": it is removed; "keep": an object. With subtract_smaller the floor's crops exclude the box
+    painted over it."""
+    H, W = 96, 128
+    K = np.array([[90.0, 0, 64], [0, 90.0, 48], [0, 0, 1]])
+    up = np.array([0.0, -1.0, 0.0])
+    rng = np.random.default_rng(1)
+    lower = np.repeat(np.arange(H)[:, None] >= H // 2, W, axis=1)
+    clutter = (1.0 + 2.0 * rng.random((H, W))).astype(np.float32)
+    depth = np.where(lower, _plane_depth(K, H, W, up, -1.5), clutter).astype(np.float32)
+    box = _rect(H, W, 60, 80, 40, 70)
+    depth[box] = 2.0
+    rgb = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+    clutter_mask = _rect(H, W, 0, 40, 0, 60)
+    frame = Frame(rgb=rgb, stamp=0.0, depth=depth, intrinsics=K)
+    masks = np.stack([lower, box, clutter_mask])
+    common = dict(preset="tiny", points_per_side=2, clip=tiny_clip, stuff_min_area=0.05, min_pixels=20)
+    seg = KnownMasksSource(masks, **common).segment([frame])[0]
+    by_name = {n: k for k, n in enumerate(seg.names)}
+    assert sorted(seg.names, key=str) == sorted(["floor", None, None], key=str)
+    floor = by_name["floor"]
+    np.testing.assert_array_equal(seg.instance_ids == floor, lower & ~box)  # the box is painted over the floor
+    torch.testing.assert_close(seg.embeddings[floor], KnownMasksSource(masks, **common).text_encoder.encode_text(
+        ["floor"])[0])
+    dropped = KnownMasksSource(masks, stuff="drop", **common).segment([frame])[0]
+    assert dropped.num_instances == 2 and np.all(dropped.instance_ids[lower & ~box] == NO_INSTANCE)
+    kept_src = KnownMasksSource(masks, stuff="keep", **common)
+    kept = kept_src.segment([frame])[0]
+    assert kept.names == [None] * 3
+    np.testing.assert_array_equal(kept.instance_ids, seg.instance_ids)
+    k_floor = int(kept.instance_ids[90, 5])
+    torch.testing.assert_close(kept.embeddings[k_floor], kept_src.embed_masks(rgb, (lower & ~box)[None])[0])
+    whole = KnownMasksSource(masks, stuff="keep", subtract_smaller=False, **common)
+    e_whole = whole.segment([frame])[0].embeddings[k_floor]
+    torch.testing.assert_close(e_whole, whole.embed_masks(rgb, lower[None])[0])
+    assert not torch.allclose(e_whole, kept.embeddings[k_floor], atol=1e-4)
+    with pytest.raises(ValueError, match="stuff"):
+        ClipSamSemanticSource(preset="tiny", clip=tiny_clip, stuff="paint")
+    with pytest.raises(ValueError, match="precision"):
+        ClipSamSemanticSource(preset="tiny", clip=tiny_clip, precision="fp8")
+
+
+def test_autocast_dtype() -> None:
+    from langgs_ros.semantics.clip_sam import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16
+    if torch.cuda.is_available():
+        assert autocast_dtype("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)

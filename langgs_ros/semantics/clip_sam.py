@@ -1,40 +1,52 @@
-"""The ``clip_sam`` semantic source: segment-anything automatic masks + one open_clip embedding per mask.
+"""The ``clip_sam`` semantic source: multi-level SAM masks + multi-crop open_clip embeddings per mask.
 
-Per frame (the object-level lifting of FMGS / FLEG-style pipelines, with LERF's CLIP space for queries):
+The object-level lifting of LangSplat / OpenMask3D / ConceptGraphs-style pipelines, with LERF's CLIP space for
+queries. Per :meth:`ClipSamSemanticSource.segment` call (a window, or only its new frames):
 
-1. ``segment_anything.SamAutomaticMaskGenerator`` (Kirillov et al., ICCV 2023, Sec. 7 / App. "automatic mask
-   generation": a point grid prompts SAM, masks filtered by predicted IoU and stability, box NMS) proposes masks.
-2. :func:`resolve_masks` turns the overlapping masks into a per-pixel instance id map. Default ``overlap="area"``:
+1. **Masks, per frame.** SAM's automatic mask generator (Kirillov et al., ICCV 2023, App. "automatic mask
+   generation": a point grid prompts SAM, masks filtered by predicted IoU and stability) with the three multimask
+   outputs kept as levels whole / part / subpart and box NMS within each level (LangSplat, Qin et al., CVPR 2024,
+   §3.2; :mod:`.sam_levels`); ``mask_levels`` selects the levels.
+2. **Stuff.** Large planar masks (:mod:`.stuff`, from depth) become ``wall`` / ``floor`` / ``ceiling``
+   instances embedded from that word by the CLIP text tower (``stuff="label"``), are dropped (``"drop"``), or are
+   treated as objects (``"keep"``) (ConceptGraphs, Gu et al., ICRA 2024, §III-B, separates background classes).
+3. :func:`resolve_masks` turns the overlapping masks into one instance id per pixel. Default ``overlap="area"``:
    masks are painted from the largest to the smallest, so smaller masks overwrite larger ones (parts and objects
-   lying on large surfaces stay visible; a table top keeps the pixels that no smaller mask claims). With
-   ``overlap="iou"`` masks are painted by increasing SAM predicted IoU (the most confident mask wins a pixel).
+   lying on large surfaces stay visible). With ``overlap="iou"`` masks are painted by increasing SAM predicted IoU.
    Masks left with fewer than ``min_pixels`` visible pixels are dropped and the map repainted without them; at most
-   ``max_masks`` masks (largest visible area) are kept. Local ids 0..K-1 follow the painting order.
-3. For each kept mask, :func:`masked_crops` cuts a square crop around the mask's box (box grown by
-   ``crop_context`` of its larger side on each side, padded with open_clip's mean colour outside the image) and
-   greys the background: outside the mask a pixel becomes ``background_keep * pixel + (1 - background_keep) *
-   mean colour`` (faint context, object dominant). The crop is resampled straight to the CLIP input size with
-   ``torchvision.ops.roi_align`` (area-averaging, i.e. anti-aliased) and normalised with open_clip's preprocess
-   mean/std, then batched through the CLIP image tower (:meth:`OpenClipModel.encode_image`) and L2-normalised.
-   The crop uses the mask as SAM predicted it (not only its visible part after step 2).
+   ``max_masks`` masks (largest visible area) are kept.
+4. **Multi-crop CLIP features** (OpenMask3D, Takmaz et al., NeurIPS 2023, §3.2): for each object mask,
+   :func:`masked_crops` cuts one square crop per ``crop_contexts`` level around the mask's box (grown by that
+   fraction of its larger side per side, padded with open_clip's mean colour outside the image) and greys the
+   background (``background_keep * pixel + (1 - background_keep) * mean colour``). The mask used is the mask's
+   own visible pixels after step 3 (``subtract_smaller``: the smaller objects painted over a table top are greyed
+   out of the table's crops). Crops are resampled to the CLIP input size with ``torchvision.ops.roi_align``
+   (area-averaging) and normalised with open_clip's preprocess mean/std; the crops of **all frames of the call**
+   go through the CLIP image tower in one batched pass; a mask's feature is the renormalised mean of its crops'
+   unit embeddings.
 
-The text side (:attr:`ClipSamSemanticSource.text_encoder`) is the same CLIP model's text tower, so query text
-and mask embeddings share the space (LERF relevancy, Kerr et al., ICCV 2023, Eq. 1, is computed by the query engine).
+SAM and CLIP run under ``torch.autocast`` in ``precision`` (bf16 / fp16 on CUDA by default, fp32 on CPU).
+The text side (:attr:`ClipSamSemanticSource.text_encoder`) is the same CLIP model's text tower, so query text and
+mask embeddings share the space (LERF relevancy, Kerr et al., ICCV 2023, Eq. 1, is computed by the query engine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from langgs_ros.semantics.base import SemanticSource, register_semantic_source
 from langgs_ros.semantics.presets import load_sam
+from langgs_ros.semantics.sam_levels import level_indices, make_level_generator
+from langgs_ros.semantics.stuff import StuffConfig, camera_up, classify_stuff
 from langgs_ros.semantics.text import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
@@ -183,38 +195,143 @@ def masked_crops(image: torch.Tensor, masks: torch.Tensor, out_size: tuple[int, 
     return (soft * crops + (1.0 - soft) * background).clamp(0, 1)
 
 
-@register_semantic_source("clip_sam")
-class ClipSamSemanticSource(SemanticSource):
-    """SAM automatic masks + open_clip mask embeddings (see the module docstring for the method).
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+STUFF_POLICIES = ("label", "drop", "keep")
 
-    Args:
+
+@dataclass
+class ClipSamConfig:
+    """Every knob of the ``clip_sam`` source (one node parameter ``semantic.<name>`` each).
+
+    Attributes:
         sam_model_type: "vit_b" | "vit_l" | "vit_h" (full preset).
-        sam_checkpoint: SAM checkpoint file (full preset: else searched, see
+        sam_checkpoint: SAM checkpoint file ("" / None: searched, see
             :func:`langgs_ros.semantics.presets.resolve_sam_checkpoint`; tiny: optional tiny state dict).
         points_per_side: SAM point grid size (points_per_side² prompts per image).
         points_per_batch: prompts per SAM decoder batch.
         pred_iou_thresh, stability_score_thresh, box_nms_thresh, min_mask_region_area: SamAutomaticMaskGenerator
-            filters (library defaults 0.88 / 0.95 / 0.7 / 0).
+            filters (library defaults 0.88 / 0.95 / 0.7 / 0); the NMS runs within each mask level.
+        crop_n_layers: SAM's extra image-crop layers (0 = whole image only).
+        mask_levels: SAM multimask levels kept, a subset of ("whole", "part", "subpart") (:mod:`.sam_levels`).
         clip_model, clip_pretrained, clip_checkpoint: open_clip architecture, pretrained tag, optional weights file.
-        device: torch device for SAM and CLIP ("cpu", "cuda", ...).
-        preset: "full" (real weights; missing weights raise FileNotFoundError naming the file and the
-            ``langgs-download-weights`` command) or "tiny" (small random-init SAM + CLIP of the same
-            architectures; tests only, meaningless output).
-        crop_context: crop box growth per side (fraction of the mask box's larger side).
+        device: torch device for SAM and CLIP.
+        preset: "full" (real weights) or "tiny" (random-init models of the same architectures; tests only).
+        precision: "auto" (bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU), "fp32", "fp16", "bf16":
+            autocast dtype of the SAM and CLIP forward passes (embeddings are returned as float32).
+        crop_contexts: context levels of the multi-crop CLIP feature: one crop per value, the mask's box grown by
+            that fraction of its larger side on each side; the crops' embeddings are averaged (OpenMask3D,
+            Takmaz et al., NeurIPS 2023, §3.2, multi-scale crops).
         background_keep: weight of the original pixel outside the mask in a crop (rest is open_clip's mean colour).
-        batch_size: crops per CLIP forward pass.
+        subtract_smaller: crops keep only the mask's own visible pixels (smaller masks painted over it greyed as
+            background); False: the mask as SAM predicted it.
+        batch_size: crops per CLIP forward pass (crops of all frames of a :meth:`segment` call are batched).
         max_masks: at most this many instances per frame (largest visible area kept).
         min_pixels: minimum visible pixels for an instance.
-        overlap: "area" (smaller masks overwrite larger) or "iou" (higher predicted IoU wins); see
-            :func:`resolve_masks`.
+        overlap: "area" (smaller masks overwrite larger) or "iou" (higher predicted IoU wins); :func:`resolve_masks`.
+        stuff: background policy for large planar masks (:mod:`.stuff`): "label" (instance named wall / floor /
+            ceiling, embedded from that word by the CLIP text tower), "drop" (pixels become no instance), "keep"
+            (treated like objects).
+        stuff_min_area, stuff_inlier_distance, stuff_inlier_fraction, stuff_normal_cos, stuff_floor_below,
+            stuff_ceiling_above: :class:`~langgs_ros.semantics.stuff.StuffConfig` thresholds.
+        world_up: (3,) world up used with the frame's pose to orient stuff planes (None: camera −y).
         seed: initialisation seed of the tiny preset.
+    """
+
+    sam_model_type: str = "vit_b"
+    sam_checkpoint: str | None = None
+    points_per_side: int = 16
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    crop_n_layers: int = 0
+    mask_levels: tuple[str, ...] = ("whole", "part")
+    clip_model: str = DEFAULT_CLIP_MODEL
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED
+    clip_checkpoint: str | None = None
+    device: str = "cpu"
+    preset: str = "full"
+    precision: str = "auto"
+    crop_contexts: tuple[float, ...] = (0.1, 0.4, 1.0)
+    background_keep: float = 0.3
+    subtract_smaller: bool = True
+    batch_size: int = 32
+    max_masks: int = 100
+    min_pixels: int = 50
+    overlap: str = "area"
+    stuff: str = "label"
+    stuff_min_area: float = 0.08
+    stuff_inlier_distance: float = 0.03
+    stuff_inlier_fraction: float = 0.85
+    stuff_normal_cos: float = 0.9
+    stuff_floor_below: float = 0.9
+    stuff_ceiling_above: float = 0.5
+    world_up: tuple[float, float, float] | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError on an out-of-range or unknown value."""
+        if self.preset not in ("full", "tiny"):
+            raise ValueError(f"preset must be 'full' or 'tiny', got {self.preset!r}")
+        if self.overlap not in ("area", "iou"):
+            raise ValueError(f"overlap must be 'area' or 'iou', got {self.overlap!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.stuff not in STUFF_POLICIES:
+            raise ValueError(f"stuff must be one of {STUFF_POLICIES}, got {self.stuff!r}")
+        if (self.points_per_side < 1 or self.batch_size < 1 or self.max_masks < 0 or self.min_pixels < 1
+                or not self.crop_contexts or min(self.crop_contexts) < 0):
+            raise ValueError("points_per_side, batch_size, min_pixels must be >= 1; max_masks >= 0; crop_contexts "
+                             "a non-empty list of values >= 0")
+        if not 0.0 <= self.background_keep <= 1.0:
+            raise ValueError(f"background_keep must be in [0, 1], got {self.background_keep}")
+        level_indices(self.mask_levels)
+
+    def stuff_config(self) -> StuffConfig:
+        """The :class:`StuffConfig` of the ``stuff_*`` fields."""
+        return StuffConfig(min_area=self.stuff_min_area, inlier_distance=self.stuff_inlier_distance,
+                           inlier_fraction=self.stuff_inlier_fraction, normal_cos=self.stuff_normal_cos,
+                           floor_below=self.stuff_floor_below, ceiling_above=self.stuff_ceiling_above)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+@dataclass
+class _FramePlan:
+    """One frame's masks awaiting CLIP: the kept masks and the instance map (internal)."""
+
+    rgb: np.ndarray
+    instance_ids: np.ndarray
+    crop_masks: np.ndarray
+    names: list[str | None]
+
+
+@register_semantic_source("clip_sam")
+class ClipSamSemanticSource(SemanticSource):
+    """SAM multi-level masks + multi-crop open_clip mask embeddings (see the module docstring for the method).
+
+    Args:
+        config: :class:`ClipSamConfig`; keyword arguments override its fields (``ClipSamSemanticSource(
+            preset="tiny", points_per_side=4)``). Empty strings for ``sam_checkpoint`` / ``clip_checkpoint`` /
+            ``clip_pretrained`` (unset ROS parameters) mean "not given".
         clip: a prebuilt shared :class:`OpenClipModel` (then ``clip_*`` / preset are not used for CLIP).
         sam: a prebuilt ``segment_anything.modeling.Sam`` (then ``sam_*`` / preset are not used for SAM).
-        generator_kwargs: further ``SamAutomaticMaskGenerator`` arguments (e.g. ``crop_n_layers``).
+        generator_kwargs: further ``SamAutomaticMaskGenerator`` arguments.
 
     Attributes:
+        config: the effective configuration.
         text_encoder: :class:`OpenClipTextEncoder` over the same CLIP model.
-        last_timings: seconds spent in SAM and CLIP for the last :meth:`segment` call (``{"sam": s, "clip": s}``).
+        last_timings: seconds per stage for the last :meth:`segment` call, summed over its frames: ``sam`` (mask
+            generation), ``resolve`` (overlap resolution), ``stuff`` (plane tests), ``crops`` (crop sampling) and
+            ``clip`` (image tower), plus ``frames``.
 
     Raises:
         FileNotFoundError: missing weights (full preset). ValueError: bad arguments.
@@ -222,93 +339,113 @@ class ClipSamSemanticSource(SemanticSource):
 
     name = "clip_sam"
 
-    def __init__(self, sam_model_type: str = "vit_b", sam_checkpoint: str | Path | None = None,
-                 points_per_side: int = 16, points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
-                 stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.7, min_mask_region_area: int = 0,
-                 clip_model: str = DEFAULT_CLIP_MODEL, clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
-                 clip_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                 preset: str = "full", crop_context: float = 0.1, background_keep: float = 0.3,
-                 batch_size: int = 32, max_masks: int = 100, min_pixels: int = 50, overlap: str = "area",
-                 seed: int = 0, clip: OpenClipModel | None = None, sam: torch.nn.Module | None = None,
-                 generator_kwargs: dict[str, Any] | None = None) -> None:
-        if preset not in ("full", "tiny"):
-            raise ValueError(f"preset must be 'full' or 'tiny', got {preset!r}")
-        if overlap not in ("area", "iou"):
-            raise ValueError(f"overlap must be 'area' or 'iou', got {overlap!r}")
-        if points_per_side < 1 or batch_size < 1 or max_masks < 0 or min_pixels < 1 or crop_context < 0:
-            raise ValueError("points_per_side, batch_size, min_pixels must be >= 1; max_masks, crop_context >= 0")
-        if not 0.0 <= background_keep <= 1.0:
-            raise ValueError(f"background_keep must be in [0, 1], got {background_keep}")
-        from segment_anything import SamAutomaticMaskGenerator
-
-        # Empty strings (unset ROS/YAML parameters) mean "not given".
-        sam_checkpoint = sam_checkpoint or None
-        clip_checkpoint = clip_checkpoint or None
-        clip_pretrained = clip_pretrained or None
-
-        self.device = torch.device(device)
-        self.preset = preset
-        self.crop_context = float(crop_context)
-        self.background_keep = float(background_keep)
-        self.batch_size = int(batch_size)
-        self.max_masks = int(max_masks)
-        self.min_pixels = int(min_pixels)
-        self.overlap = overlap
+    def __init__(self, config: ClipSamConfig | None = None, *, clip: OpenClipModel | None = None,
+                 sam: torch.nn.Module | None = None, generator_kwargs: dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        cfg = replace(config or ClipSamConfig(), **overrides)
+        for key in ("sam_checkpoint", "clip_checkpoint", "clip_pretrained"):
+            if not getattr(cfg, key):
+                setattr(cfg, key, None)
+        cfg.mask_levels = tuple(cfg.mask_levels)
+        cfg.crop_contexts = tuple(float(c) for c in cfg.crop_contexts)
+        cfg.validate()
+        self.config = cfg
+        self.device = torch.device(cfg.device)
+        self._amp = autocast_dtype(cfg.precision, self.device)
         self.sam = sam.to(self.device).eval() if sam is not None else load_sam(
-            sam_model_type, sam_checkpoint, preset=preset, device=self.device, seed=seed)
+            cfg.sam_model_type, cfg.sam_checkpoint, preset=cfg.preset, device=self.device, seed=cfg.seed)
         self.clip = clip if clip is not None else load_open_clip_model(
-            clip_model, clip_pretrained, checkpoint=clip_checkpoint, device=self.device, preset=preset, seed=seed)
+            cfg.clip_model, cfg.clip_pretrained, checkpoint=cfg.clip_checkpoint, device=self.device,
+            preset=cfg.preset, seed=cfg.seed)
         self.text_encoder = OpenClipTextEncoder(self.clip)
-        self.generator = SamAutomaticMaskGenerator(
-            self.sam, points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
-            pred_iou_thresh=float(pred_iou_thresh), stability_score_thresh=float(stability_score_thresh),
-            box_nms_thresh=float(box_nms_thresh), min_mask_region_area=int(min_mask_region_area),
+        self.generator = make_level_generator(
+            self.sam, cfg.mask_levels, points_per_side=int(cfg.points_per_side),
+            points_per_batch=int(cfg.points_per_batch), pred_iou_thresh=float(cfg.pred_iou_thresh),
+            stability_score_thresh=float(cfg.stability_score_thresh), box_nms_thresh=float(cfg.box_nms_thresh),
+            min_mask_region_area=int(cfg.min_mask_region_area), crop_n_layers=int(cfg.crop_n_layers),
             output_mode="binary_mask", **(generator_kwargs or {}))
-        self.last_timings: dict[str, float] = {"sam": 0.0, "clip": 0.0}
+        self.last_timings: dict[str, float] = {}
+        self._warned_no_depth = False
+
+    def _autocast(self) -> Any:
+        if self._amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._amp)
 
     def generate_masks(self, rgb: np.ndarray) -> list[dict[str, Any]]:
-        """Run SAM's automatic mask generator on one image.
+        """Run the multi-level SAM automatic mask generator on one image.
 
         Args:
             rgb: (H, W, 3) uint8 RGB.
 
         Returns:
-            SamAutomaticMaskGenerator records (``segmentation`` (H, W) bool, ``area``, ``bbox`` XYWH,
-            ``predicted_iou``, ``stability_score``, ...), possibly empty.
+            Records (``segmentation`` (H, W) bool, ``area``, ``predicted_iou``, ``stability_score``, ``level``),
+            possibly empty.
         """
-        with torch.inference_mode():
-            return self.generator.generate(rgb)
+        with torch.inference_mode(), self._autocast():
+            return self.generator.generate_levels(rgb)
+
+    def _crops(self, rgb: np.ndarray, masks: np.ndarray) -> torch.Tensor:
+        """(K * C, 3, h, w) crops of ``masks`` at every context level (mask-major: rows k*C .. k*C + C - 1)."""
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).float() / 255.0
+        m = torch.from_numpy(np.ascontiguousarray(masks)).to(self.device)
+        per_ctx = [masked_crops(image, m, self.clip.image_size, context=c, background_keep=self.config.background_keep,
+                                fill=self.clip.mean) for c in self.config.crop_contexts]
+        return torch.stack(per_ctx, dim=1).flatten(0, 1)
 
     def embed_masks(self, rgb: np.ndarray, masks: np.ndarray) -> torch.Tensor:
-        """CLIP embeddings of masked crops (see :func:`masked_crops`).
+        """Multi-crop CLIP embeddings of masks (mean of the unit embeddings of the ``crop_contexts`` crops,
+        renormalised).
 
         Args:
             rgb: (H, W, 3) uint8 RGB.
-            masks: (K, H, W) bool, each non-empty.
+            masks: (K, H, W) bool, each non-empty (the pixels a crop keeps; see ``subtract_smaller``).
 
         Returns:
             (K, D) float32 L2-normalised on the CPU.
         """
-        K = int(masks.shape[0])
-        if K == 0:
-            return torch.zeros(0, self.clip.dim, dtype=torch.float32)
-        with torch.inference_mode():
-            image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).float() / 255.0
-            out = []
-            for i in range(0, K, self.batch_size):
-                m = torch.from_numpy(np.ascontiguousarray(masks[i:i + self.batch_size])).to(self.device)
-                crops = masked_crops(image, m, self.clip.image_size, context=self.crop_context,
-                                     background_keep=self.background_keep, fill=self.clip.mean)
-                out.append(self.clip.encode_image(crops, batch_size=self.batch_size))
-            return torch.cat(out)
+        return self._embed_plans([_FramePlan(rgb, np.zeros(rgb.shape[:2], np.int32), masks, [None] * len(masks))])[0]
 
-    def segment_one(self, frame: Frame) -> FrameSegmentation:
-        """Segment one frame (see :meth:`segment`)."""
+    def _embed_plans(self, plans: Sequence[_FramePlan]) -> list[torch.Tensor]:
+        """One batched CLIP pass over the crops of all ``plans`` (batches of ``batch_size`` span frames)."""
+        C = len(self.config.crop_contexts)
+        bs = max(1, self.config.batch_size // C) * C  # whole masks per batch
+        jobs = [(i, k) for i, p in enumerate(plans) for k in range(len(p.crop_masks))]
+        feats: list[torch.Tensor] = []
+        t_crop = t_clip = 0.0
+        with torch.inference_mode():
+            for s in range(0, len(jobs), bs // C):
+                chunk = jobs[s:s + bs // C]
+                t0 = time.perf_counter()
+                crops = []
+                for i in dict.fromkeys(i for i, _ in chunk):
+                    ks = [k for j, k in chunk if j == i]
+                    crops.append(self._crops(plans[i].rgb, plans[i].crop_masks[ks]))
+                batch = torch.cat(crops)
+                t1 = time.perf_counter()
+                with self._autocast():
+                    e = self.clip.encode_image(batch, batch_size=bs)
+                feats.append(F.normalize(e.view(-1, C, e.shape[-1]).mean(dim=1), dim=-1))
+                t2 = time.perf_counter()
+                t_crop += t1 - t0
+                t_clip += t2 - t1
+        self.last_timings["crops"] = self.last_timings.get("crops", 0.0) + t_crop
+        self.last_timings["clip"] = self.last_timings.get("clip", 0.0) + t_clip
+        allf = torch.cat(feats) if feats else torch.zeros(0, self.clip.dim)
+        out, start = [], 0
+        for p in plans:
+            n = len(p.crop_masks)
+            out.append(allf[start:start + n].float().cpu())
+            start += n
+        return out
+
+    def _plan(self, frame: Frame) -> _FramePlan:
         rgb = frame.rgb
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"frame {frame.frame_id!r}: rgb must be (H, W, 3) uint8, got "
                              f"{getattr(rgb, 'shape', None)} {getattr(rgb, 'dtype', None)}")
         H, W = rgb.shape[:2]
+        cfg = self.config
         t0 = time.perf_counter()
         records = self.generate_masks(rgb)
         t1 = time.perf_counter()
@@ -317,27 +454,75 @@ class ClipSamSemanticSource(SemanticSource):
             areas = np.array([int(r["area"]) for r in records], np.int64)
             scores = np.array([float(r["predicted_iou"]) for r in records], np.float64)
         else:
-            masks = np.zeros((0, H, W), bool)
-            areas = np.zeros(0, np.int64)
-            scores = np.zeros(0, np.float64)
-        instance_ids, kept = resolve_masks(masks, areas, scores, overlap=self.overlap, min_pixels=self.min_pixels,
-                                           max_masks=self.max_masks)
-        emb = self.embed_masks(rgb, masks[kept])
+            masks, areas, scores = np.zeros((0, H, W), bool), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        names: list[str | None] = [None] * len(masks)
         t2 = time.perf_counter()
-        self.last_timings["sam"] += t1 - t0
-        self.last_timings["clip"] += t2 - t1
-        return FrameSegmentation(instance_ids=instance_ids, embeddings=emb, names=[None] * len(kept),
-                                 class_ids=None)
+        if cfg.stuff != "keep" and len(masks):
+            if (frame.depth is None or frame.intrinsics is None) and not self._warned_no_depth:
+                log.warning("clip_sam: frame %r has no depth/intrinsics; the stuff policy (%s) needs them and is "
+                            "skipped for such frames", frame.frame_id, cfg.stuff)
+                self._warned_no_depth = True
+            up = camera_up(frame.world_from_camera, cfg.world_up)
+            names = classify_stuff(masks, frame.depth, frame.intrinsics, up, cfg.stuff_config())
+            if cfg.stuff == "drop":
+                keep = np.array([n is None for n in names], bool)
+                masks, areas, scores = masks[keep], areas[keep], scores[keep]
+                names = [None] * len(masks)
+        t3 = time.perf_counter()
+        instance_ids, kept = resolve_masks(masks, areas, scores, overlap=cfg.overlap, min_pixels=cfg.min_pixels,
+                                           max_masks=cfg.max_masks)
+        if cfg.subtract_smaller:
+            crop_masks = instance_ids[None] == np.arange(len(kept), dtype=np.int32)[:, None, None]
+        else:
+            crop_masks = masks[kept]
+        t4 = time.perf_counter()
+        lt = self.last_timings
+        lt["sam"] = lt.get("sam", 0.0) + t1 - t0
+        lt["stuff"] = lt.get("stuff", 0.0) + t3 - t2
+        lt["resolve"] = lt.get("resolve", 0.0) + (t2 - t1) + (t4 - t3)
+        return _FramePlan(rgb, instance_ids, crop_masks, [names[i] for i in kept.tolist()])
+
+    def segment_one(self, frame: Frame) -> FrameSegmentation:
+        """Segment one frame (see :meth:`segment`)."""
+        return self.segment([frame])[0]
 
     def segment(self, frames: Sequence[Frame]) -> list[FrameSegmentation]:
-        """Segment each frame: SAM masks -> per-pixel instance ids -> one CLIP embedding per instance.
+        """Segment frames: SAM masks per frame -> per-pixel instance ids -> one multi-crop CLIP embedding per
+        object instance, the crops of all ``frames`` in one batched CLIP pass; stuff instances (policy "label")
+        get the CLIP text embedding of their name.
+
+        Works on any subset of frames (call it on the new frames of a window only, so that each frame is
+        segmented once).
 
         Returns:
             One :class:`FrameSegmentation` per frame: ``instance_ids`` (H, W) int32 in 0..K-1 or -1,
-            ``embeddings`` (K, D) float32 unit rows on the CPU (K may be 0), ``names`` K ``None``.
+            ``embeddings`` (K, D) float32 unit rows on the CPU (K may be 0), ``names`` K entries ("wall",
+            "floor", "ceiling" for stuff, else ``None``).
 
         Raises:
             ValueError: a frame's ``rgb`` is not (H, W, 3) uint8.
         """
-        self.last_timings = {"sam": 0.0, "clip": 0.0}
-        return [self.segment_one(f) for f in frames]
+        self.last_timings = {"sam": 0.0, "resolve": 0.0, "stuff": 0.0, "crops": 0.0, "clip": 0.0,
+                             "frames": float(len(frames))}
+        plans = [self._plan(f) for f in frames]
+        # Stuff instances (named) take their name's text embedding; only object instances are cropped.
+        obj_plans = []
+        for p in plans:
+            obj = [k for k, n in enumerate(p.names) if n is None]
+            obj_plans.append(_FramePlan(p.rgb, p.instance_ids, p.crop_masks[obj], [None] * len(obj)))
+        feats = self._embed_plans(obj_plans)
+        stuff_words = sorted({n for p in plans for n in p.names if n is not None})
+        word_emb = dict(zip(stuff_words, self.text_encoder.encode_text(stuff_words))) if stuff_words else {}
+        out = []
+        for p, f in zip(plans, feats):
+            K = len(p.names)
+            emb = torch.zeros(K, self.clip.dim, dtype=torch.float32)
+            obj = [k for k, n in enumerate(p.names) if n is None]
+            if obj:
+                emb[obj] = f
+            for k, n in enumerate(p.names):
+                if n is not None:
+                    emb[k] = word_emb[n]
+            out.append(FrameSegmentation(instance_ids=p.instance_ids, embeddings=emb, names=list(p.names),
+                                         class_ids=None))
+        return out
