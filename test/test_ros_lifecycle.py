@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from ros_helpers import DiagnosticsWatcher, call_service, start_node_process, stop_process
+from ros_helpers import DiagnosticsWatcher, call_service, require_ros2_cli, ros2, start_node_process, stop_process
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -137,5 +137,32 @@ def test_lifecycle_transitions_and_parameter_rules(client, tmp_path) -> None:
         assert change_state(client, Transition.TRANSITION_ACTIVATE)
         assert get_state(client) == "active"
         assert proc.poll() is None
+    finally:
+        assert stop_process(proc) == 0, (tmp_path / "node.log").read_text()[-3000:]
+
+
+def test_ros2_lifecycle_cli_drives_the_node(client, tmp_path) -> None:
+    """``ros2 lifecycle get/set`` (the real ros2lifecycle CLI, as an operator or a launch file uses it)."""
+    require_ros2_cli()
+    from langgs_ros.srv import FindObject
+
+    proc = start_node_process({"autostart": False, "backend": "rgbd", "semantic_source": "labels",
+                               "pose_source": "odometry", "map_dir": str(tmp_path / "maps")},
+                              node_name=NODE, log_path=tmp_path / "node.log")
+    cli = ("--no-daemon", "--spin-time", "5")
+    try:
+        assert get_state(client) == "unconfigured"  # the node is up
+        out = ros2("lifecycle", "get", *cli, f"/{NODE}")
+        assert out.returncode == 0 and out.stdout.startswith("unconfigured"), out.stdout + out.stderr
+        for transition in ("configure", "activate"):
+            out = ros2("lifecycle", "set", *cli, f"/{NODE}", transition)
+            assert out.returncode == 0 and "Transitioning successful" in out.stdout, out.stdout + out.stderr
+        out = ros2("lifecycle", "get", *cli, f"/{NODE}")
+        assert out.stdout.startswith("active"), out.stdout + out.stderr
+        resp = call_service(client, FindObject, "/find_object", FindObject.Request(query="chair"))
+        assert not resp.success and resp.message == "map is empty"
+        out = ros2("lifecycle", "set", *cli, f"/{NODE}", "deactivate")
+        assert out.returncode == 0 and "Transitioning successful" in out.stdout, out.stdout + out.stderr
+        assert get_state(client) == "inactive"
     finally:
         assert stop_process(proc) == 0, (tmp_path / "node.log").read_text()[-3000:]

@@ -705,13 +705,14 @@ class MappingNode(LifecycleNode):
             response.success, response.message = False, error
             return response
         try:
-            results = self.pipeline.query_engine.query(
+            answer = self.pipeline.query_engine.answer(
                 snap, query, top_k=int(request.max_results) or None, min_score=float(request.min_score) or None,
                 negatives=negatives,
             )
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
+        results = answer.objects
         stamp = self.get_clock().now().to_msg()
         frame = self.world_frame
         for r in results:
@@ -724,7 +725,8 @@ class MappingNode(LifecycleNode):
                 approach_pose=pose_stamped(r.approach_position, r.approach_yaw, stamp, frame, snap.up),
             ))
         response.success = True
-        response.message = f"{len(results)} object(s) for {query!r}" if results else f"no object matches {query!r}"
+        # nothing above min_score is an answer too: the message names the best candidates and their scores
+        response.message = f"{len(results)} object(s) for {query!r}" if results else answer.message
         hits = {int(r.instance_id): float(r.score) for r in results}
         if self._outputs is not None:
             names = {int(r.instance_id): r.name or query for r in results}
