@@ -113,7 +113,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "autosave_period": ParamSpec(0.0, "s between autosaves of a changed map (0 = off).", RUNTIME, (0.0, _BIG)),
     "autosave_path": ParamSpec("", "Autosave map name (relative to map_dir; a sidecar is written beside it)."),
     "load_on_start": ParamSpec(False, "Load autosave_path on configure when it exists."),
-    "limits.max_map_file_bytes": ParamSpec(4 * 2**30, "Largest map file (PLY or sidecar) that load_map reads, "
+    "limits.max_map_file_bytes": ParamSpec(2**30, "Largest map file (PLY or sidecar) that load_map reads, "
                                                       "bytes.", RUNTIME, (1, 2**62)),
     "limits.max_image_pixels": ParamSpec(3840 * 2160, "Largest accepted image (width x height, pixels); larger "
                                                       "images are dropped (counted).", RUNTIME, (1, 2**40)),
