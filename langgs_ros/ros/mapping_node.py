@@ -631,7 +631,7 @@ class MappingNode(LifecycleNode):
                 "dropped_frames": w.dropped_frames, "dropped_windows": w.dropped_windows,
                 "rejected_frames": w.rejected_frames, "failed_windows": w.failed_windows,
                 "processed_windows": w.processed_windows, "keyframes": w.buffer.num_keyframes,
-                "worker_time_jumps": w.time_jumps, "worker_faults": w.faults,
+                "worker_time_jumps": w.time_jumps, "worker_faults": w.faults, "worker_busy": int(w.busy),
                 "pending_keyframes": w.buffer.num_pending,
             })
             st = w.last_stats
