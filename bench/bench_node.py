@@ -103,7 +103,7 @@ def main() -> int:
     try:
         # --- 2. query latency on the big map
         proc = start_node_process({"backend": "rgbd", "semantic_source": "labels", "pose_source": "odometry",
-                                   "autosave_path": str(big), "load_on_start": True,
+                                   "map_dir": str(tmp), "autosave_path": big.name, "load_on_start": True,
                                    "publish.gaussians_period": 3600.0}, log_path=tmp / "node_query.log")
         try:
             call_service(client, FindObject, "/find_object", FindObject.Request(query="warm up"), timeout=300)
