@@ -64,9 +64,11 @@ from plyfile import PlyData, PlyElement
 from langgs_ros.safe_read import (
     MAX_PLY_HEADER_BYTES,
     FileTooLargeError,
+    PlyElementLayout,
     UnsafeFileError,
     clip,
     ply_binary_layout,
+    ply_element_array,
     read_head,
     read_npz_arrays,
     read_regular_file,
@@ -632,10 +634,10 @@ def _finite(a: np.ndarray, name: str, bound: float | None = None, lo: float | No
     return x
 
 
-def _check_ply_layout(data: bytearray, path: Path) -> int:
-    """Number of vertices, after checking the PLY's layout against what :func:`save_map` writes."""
+def _check_ply_layout(data: bytearray, path: Path) -> tuple[str, PlyElementLayout]:
+    """(format, vertex element layout), after checking the PLY's layout against what :func:`save_map` writes."""
     try:
-        _, elements, _ = ply_binary_layout(data, what=str(path))
+        fmt, elements, _ = ply_binary_layout(data, what=str(path))
     except UnsafeFileError as e:
         raise MapFormatError(str(e)) from e
     vertex = [e for e in elements if e.name == "vertex"]
@@ -650,7 +652,7 @@ def _check_ply_layout(data: bytearray, path: Path) -> int:
     if bad:
         raise MapFormatError(f"PLY vertex properties have wrong types {bad} (instance_id: an integer type, the "
                              "others float or double)")
-    return vertex[0].count
+    return fmt, vertex[0]
 
 
 def _snapshot_from_files(path: Path, data: bytearray, map_uuid: str, side: Path, meta: dict[str, Any],
@@ -689,13 +691,10 @@ def _snapshot_from_files(path: Path, data: bytearray, map_uuid: str, side: Path,
     stamp = _meta_float(meta, "stamp", 0.0, MAX_STAMP)
     version = _meta_int(meta, "version", 0, MAX_VERSION)
 
-    n_vertex = _check_ply_layout(data, path)
-    if n_vertex != n_total:
-        raise MapFormatError(f"{path} has {n_vertex} vertices, sidecar expects {n_total}")
-    try:
-        vertex = PlyData.read(io.BytesIO(data))["vertex"].data
-    except Exception as e:  # PlyHeaderParseError, PlyElementParseError, KeyError, ValueError, ...
-        raise MapFormatError(f"{path} is not a readable PLY with a 'vertex' element: {clip(str(e))}") from e
+    fmt, layout = _check_ply_layout(data, path)
+    if layout.count != n_total:
+        raise MapFormatError(f"{path} has {layout.count} vertices, sidecar expects {n_total}")
+    vertex = ply_element_array(data, fmt, layout)  # the layout was checked against the bytes present
     gaussians = vertex_array_to_gaussians(vertex, has_weights=has_weights, device=device)
 
     ids_a = _array(arr, "ids", "iu", (None,))

@@ -13,7 +13,7 @@ no other exception type leaves these functions for malformed input. Used by :mod
   ``.npy`` headers parsed here so that the declared shape must match the bytes present (``np.load`` would allocate
   the declared shape first). Object and structured dtypes are refused (no pickles).
 - :func:`ply_binary_layout`: the PLY header parsed and the body length checked against the element counts before
-  a PLY library allocates anything.
+  anything is allocated; :func:`ply_element_array` then views an element's records in place.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "UnsafeFileError",
     "clip",
     "ply_binary_layout",
+    "ply_element_array",
     "read_head",
     "read_npz_arrays",
     "read_regular_file",
@@ -240,14 +241,35 @@ def read_npz_arrays(data: bytes | bytearray, names: tuple[str, ...], max_bytes: 
     return out
 
 
+_PLY_NUMPY_TYPES = {"char": "i1", "uchar": "u1", "int8": "i1", "uint8": "u1", "short": "i2", "ushort": "u2",
+                    "int16": "i2", "uint16": "u2", "int": "i4", "uint": "u4", "int32": "i4", "uint32": "u4",
+                    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+
+
 class PlyElementLayout:
-    """One element of a binary PLY header: ``name``, ``count``, ``properties`` [(name, type)], ``record_bytes``."""
+    """One element of a binary PLY header: ``name``, ``count``, ``properties`` [(name, type)], ``record_bytes``,
+    and ``offset`` (byte offset of its data in the file)."""
 
     def __init__(self, name: str, count: int) -> None:
         self.name = name
         self.count = count
         self.properties: list[tuple[str, str]] = []
         self.record_bytes = 0
+        self.offset = 0
+
+    def dtype(self, byte_order: str) -> np.dtype:
+        """Structured numpy dtype of one record (``byte_order`` ``"<"`` or ``">"``)."""
+        return np.dtype([(n, byte_order + _PLY_NUMPY_TYPES[t]) for n, t in self.properties])
+
+
+def ply_element_array(data: bytes | bytearray, fmt: str, element: PlyElementLayout) -> np.ndarray:
+    """The records of ``element`` (from :func:`ply_binary_layout` on the same ``data``) as a structured array view.
+
+    Equivalent to what ``plyfile`` reads for scalar-only binary elements, without its per-record Python loop (which
+    it takes for in-memory streams: ~20 s per 100 k vertices on a busy CPU).
+    """
+    order = "<" if fmt == "binary_little_endian" else ">"
+    return np.frombuffer(data, dtype=element.dtype(order), count=element.count, offset=element.offset)
 
 
 def ply_binary_layout(data: bytes | bytearray, what: str = "PLY") -> tuple[str, list[PlyElementLayout], int]:
@@ -296,6 +318,9 @@ def ply_binary_layout(data: bytes | bytearray, what: str = "PLY") -> tuple[str, 
                 raise UnsafeFileError(f"{what}: property before any element")
             if len(parts) != 3 or parts[1] not in PLY_SCALAR_SIZES:
                 raise UnsafeFileError(f"{what}: property line {short(line)} refused (scalar properties only)")
+            if any(parts[2] == n for n, _ in elements[-1].properties):
+                raise UnsafeFileError(f"{what}: property {short(parts[2])} repeated in element "
+                                      f"{short(elements[-1].name)}")
             elements[-1].properties.append((parts[2], parts[1]))
             elements[-1].record_bytes += PLY_SCALAR_SIZES[parts[1]]
         else:
@@ -303,7 +328,11 @@ def ply_binary_layout(data: bytes | bytearray, what: str = "PLY") -> tuple[str, 
     if fmt is None:
         raise UnsafeFileError(f"{what} has no format line")
     body = len(data) - header_bytes
-    expected = sum(e.count * e.record_bytes for e in elements)
+    offset = header_bytes
+    for e in elements:
+        e.offset = offset
+        offset += e.count * e.record_bytes
+    expected = offset - header_bytes
     if expected != body:
         raise UnsafeFileError(f"{what}: header declares {expected} bytes of element data, the file holds {body} "
                               "(truncated or padded)")

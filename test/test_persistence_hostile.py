@@ -750,3 +750,24 @@ def test_save_cleanup_escapes_glob_metacharacters(tmp_path: Path) -> None:
     save_map(make_snapshot(n=20), star)
     assert sidecar_path(ab).exists() and len(load_map(ab).gaussians) == 60
     assert len(load_map(star).gaussians) == 20
+
+
+def test_big_endian_ply_and_repeated_property(tmp_path: Path) -> None:
+    """The PLY is decoded from its validated header (not plyfile's per-record loop): a big-endian file written by
+    plyfile with the same content loads to the same map; a repeated property name is refused."""
+    from plyfile import PlyData, PlyElement
+
+    path = saved(tmp_path)
+    ref = load_map(path)
+    ply, meta, arrays = read_pair(path)
+    src = PlyData.read(io.BytesIO(ply))
+    buf = io.BytesIO()
+    PlyData([PlyElement.describe(src["vertex"].data, "vertex")], text=False, byte_order=">",
+            comments=src.comments).write(buf)
+    write_pair(path, buf.getvalue(), meta, arrays)
+    back = load_map(path)
+    for name in ("means", "quats", "scales", "opacities", "colors", "instance_ids", "weights"):
+        assert torch.equal(getattr(back.gaussians, name), getattr(ref.gaussians, name)), name
+    lines, body = header_and_body(ply)
+    write_pair(path, ply_bytes([*lines, "property float x"], body), meta, arrays)
+    refused(path, r"property 'x' repeated")

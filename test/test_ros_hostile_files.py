@@ -58,7 +58,9 @@ def node(tmp_path: Path, ros_domain):
     """The mapping node in its own process with ``map_dir`` = tmp_path/maps; yields (process, map_dir)."""
     maps = tmp_path / "maps"
     maps.mkdir()
-    params = {"backend": "rgbd", "semantic_source": "labels", "pose_source": "odometry", "map_dir": str(maps)}
+    # the size limit is set explicitly (1 GiB) so the sparse-file case does not depend on the node's default
+    params = {"backend": "rgbd", "semantic_source": "labels", "pose_source": "odometry", "map_dir": str(maps),
+              "limits.max_map_file_bytes": 1 << 30}
     proc = start_node_process(params, log_path=tmp_path / "node.log")
     yield proc, maps
     code = stop_process(proc)
@@ -287,7 +289,7 @@ def test_crafted_map_files_are_refused_and_the_map_is_kept(client, node, tmp_pat
     check_refused(str(outside / "x.ply"), r"absolute paths are not allowed")
     (maps / "link.ply").symlink_to(outside / "x.ply")
     check_refused("link.ply", r"leads outside map_dir")
-    # a 1 GiB sparse file: refused from its size (default limit 1 GiB), not read into memory
+    # a sparse file 1 byte over the 1 GiB limit: refused from its size, not read into memory
     sparse = maps / "sparse.ply"
     sparse.write_bytes(good.read_bytes()[:700])
     with open(sparse, "r+b") as f:
