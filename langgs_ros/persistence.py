@@ -18,7 +18,8 @@ On disk a map is two files:
    ``ids`` (K,) int32, ``embeddings`` (K, D) float32, ``centers``/``sizes`` (K, 3) float64, ``yaws``/``observations``
    (K,) float64, ``num_gaussians`` (K,) int64 — plus ``camera_positions`` (P, 3), ``up`` (3,) and ``meta``, a JSON
    string with names, encoder_id, embedding_dim, frame_id, floor_height, stamp, version, format_version, map_uuid,
-   num_gaussians_total, has_weights and the PLY's SHA-256.
+   num_gaussians_total, has_weights, the PLY's SHA-256, and the map's scale_is_metric / scale_source (unposed maps:
+   ``camera_height`` prior or ``none``; optional on load, older sidecars read as metric / ``unknown``).
 
 Atomicity. :func:`save_map` writes both files to temporary files in the target directory (fsynced), then
 ``os.replace``-s the sidecar (a new name: the uuid is part of it), then the PLY, then fsyncs the directory and
@@ -321,6 +322,8 @@ def save_map(snapshot: MapSnapshot, path: str | Path) -> None:
         "floor_height": None if snapshot.floor_height is None else float(snapshot.floor_height),
         "stamp": float(snapshot.stamp),
         "version": int(snapshot.version),
+        "scale_is_metric": bool(snapshot.scale_is_metric),
+        "scale_source": str(snapshot.scale_source),
     }
     side = io.BytesIO()
     np.savez(
@@ -517,6 +520,7 @@ def load_map(path: str | Path, expected_encoder_id: str | None = None,
         up=arr["up"].astype(np.float64), frame_id=str(meta["frame_id"]),
         camera_positions=cams.astype(np.float64), floor_height=None if floor is None else float(floor),
         stamp=float(meta["stamp"]), version=int(meta["version"]),
+        scale_is_metric=bool(meta.get("scale_is_metric", True)), scale_source=str(meta.get("scale_source", "unknown")),
     )
 
 

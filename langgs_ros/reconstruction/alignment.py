@@ -15,6 +15,15 @@ the window — and at an arbitrary global scale. This module places consecutive 
    the camera centres in ``R`` and in the odometry frame ``O`` are accumulated over windows and a Sim(3)
    ``O <- R`` is re-estimated after every window (RANSAC). Output poses are then in ``O``: metric, with the
    odometry frame's gravity (its ``z``/up axis).
+5. **Gravity and scale without odometry** (:mod:`~langgs_ros.reconstruction.gravity`): when the first window
+   carries no odometry, a Sim(3) ``M <- R`` is estimated once from it (RANSAC floor plane checked against the mean
+   camera up; scale from the declared camera height above the floor) and applied to every window: the map is
+   z-up with the floor at z = 0, in metres of the prior (``scale_source = "camera_height"``) or in reconstruction
+   units (``"none"``). It is frozen after the first window because fused windows are not moved.
+
+Frames placed in the map are kept in a :class:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory` (images,
+geometry, descriptors); the reconstructor feeds some of them back to the network as *anchors* with each window, so
+windows are registered against the map, not only against the previous window.
 
 Conventions: poses are 4x4 ``world_from_camera`` (camera-to-world, OpenCV optical axes) float64 arrays; a
 :class:`Sim3` ``S = (s, R, t)`` maps a point ``x`` to ``s R x + t``; ``A.compose(B)`` is ``A ∘ B`` (apply ``B``
@@ -31,6 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from langgs_ros.reconstruction.gravity import GravityConfig, GravityEstimate, estimate_gravity_and_scale
+from langgs_ros.reconstruction.keyframe_memory import KeyframeMemory
 from langgs_ros.types import Frame
 
 log = logging.getLogger(__name__)
@@ -638,8 +649,9 @@ class AlignerConfig:
             (else orientations give the rotation, see :func:`fit_trajectory_sim3`), metres.
         odometry_max_frames: most recent odometry correspondences kept (older ones dropped: the fit tracks slow
             drift of the chained reconstruction).
-        max_stored_frames: frames whose geometry is kept for overlap alignment (most recent first; a window
-            only shares frames with the last one or two windows).
+        max_stored_frames: capacity of the keyframe memory (frames whose image and geometry are kept as
+            registration targets and anchors; when full, the most redundant one is evicted).
+        gravity: gravity / scale estimation for windows without odometry (:class:`GravityConfig`).
     """
 
     grid_stride: int = 8
@@ -648,13 +660,14 @@ class AlignerConfig:
     overlap_threshold: float = 0.03
     symmetric_scale: bool = True
     min_overlap_inliers: int = 20
-    min_inlier_ratio: float = 0.25
+    min_inlier_ratio: float = 0.5
     ransac_iterations: int = 300
     odometry_threshold_m: float = 0.10
     odometry_min_baseline_m: float = 0.10
     odometry_min_spread_m: float = 0.03
     odometry_max_frames: int = 500
-    max_stored_frames: int = 64
+    max_stored_frames: int = 128
+    gravity: GravityConfig = field(default_factory=GravityConfig)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on out-of-range settings."""
@@ -666,6 +679,7 @@ class AlignerConfig:
             raise ValueError(f"min_inlier_ratio must be in [0, 1], got {self.min_inlier_ratio}")
         if self.centre_weight < 0 or self.odometry_max_frames < 3 or self.max_stored_frames < 1:
             raise ValueError("centre_weight must be >= 0, odometry_max_frames >= 3, max_stored_frames >= 1")
+        self.gravity.validate()
 
 
 def fit_shared_frames(src: Sequence[FrameGeometry], dst: Sequence[FrameGeometry], config: AlignerConfig,
@@ -765,7 +779,8 @@ class WindowAligner:
     def reset(self) -> None:
         """Forget every window: the next window defines the map frame again."""
         self._rng = np.random.default_rng(self._seed)
-        self._store: OrderedDict[tuple[str, float], FrameGeometry] = OrderedDict()
+        self.memory = KeyframeMemory(self.config.max_stored_frames)
+        self.gravity: GravityEstimate | None = None
         self._odom: OrderedDict[tuple[str, float], _OdomPair] = OrderedDict()
         self.map_from_reconstruction: Sim3 | None = None
         self.num_windows = 0
@@ -778,8 +793,28 @@ class WindowAligner:
 
     @property
     def num_stored_frames(self) -> int:
-        """Frames whose geometry is kept for overlap alignment."""
-        return len(self._store)
+        """Frames whose geometry is kept for overlap alignment (keyframes in :attr:`memory`)."""
+        return len(self.memory)
+
+    @property
+    def scale_source(self) -> str:
+        """Where the output scale comes from: ``"odometry"``, ``"camera_height"`` (declared prior) or ``"none"``."""
+        if self.metric:
+            return "odometry"
+        return self.gravity.scale_source if self.gravity is not None else "none"
+
+    @property
+    def up_source(self) -> str:
+        """Where the output up (z) comes from: ``"odometry"``, ``"floor_plane"``, ``"camera_up"`` or ``"none"``."""
+        if self.metric:
+            return "odometry"
+        return self.gravity.up_source if self.gravity is not None else "none"
+
+    def _output_from_reconstruction(self) -> Sim3 | None:
+        """The current ``out <- R`` transform (odometry fit, else the gravity/scale prior, else None = identity)."""
+        if self.map_from_reconstruction is not None:
+            return self.map_from_reconstruction
+        return self.gravity.map_from_reconstruction if self.gravity is not None else None
 
     def align(self, frames: Sequence[Frame], world_from_camera: np.ndarray, depth: np.ndarray,
               intrinsics: np.ndarray, confidence: np.ndarray | None = None) -> WindowAlignment:
@@ -824,16 +859,16 @@ class WindowAligner:
         geo_w = [sample_frame_geometry(keys[i], D[i], Ks[i], T_w[i], None if C is None else C[i],
                                        cfg.grid_stride) for i in range(S)]
         res: dict[str, float] = {}
-        shared = [i for i, k in enumerate(keys) if k in self._store]
+        shared = [i for i, k in enumerate(keys) if k in self.memory]
         res["overlap_frames"] = float(len(shared))
         S_RW: Sim3 | None = None
         overlap_error = ""
-        if not self._store:
+        if not len(self.memory):
             S_RW = Sim3.identity()
         elif shared:
             try:
                 S_RW, rms_r, ratio, npts = self._fit_overlap([geo_w[i] for i in shared],
-                                                             [self._store[keys[i]] for i in shared])
+                                                             [self.memory[keys[i]].geometry for i in shared])
                 res.update(overlap_points=float(npts), overlap_inlier_ratio=ratio, overlap_rms_r=rms_r)
             except AlignmentError as exc:
                 overlap_error = str(exc)
@@ -848,11 +883,8 @@ class WindowAligner:
         geo_r = [g.transformed(S_RW) for g in geo_w]
         T_r = S_RW.transform_pose(T_w)
         # Store new frames (first placement wins: the map was built from it).
-        for g in geo_r:
-            if g.key not in self._store:
-                self._store[g.key] = g
-        while len(self._store) > cfg.max_stored_frames:
-            self._store.popitem(last=False)
+        for f, g in zip(frames, geo_r):
+            self.memory.add(g.key, f, g, self.num_windows)
         # Odometry pairs and the R -> O fit.
         added = 0
         for i, f in enumerate(frames):
@@ -868,9 +900,19 @@ class WindowAligner:
         if added:
             self._refit_odometry()
         res.update(self.last_odometry_fit)
-        S_out = self.map_from_reconstruction.compose(S_RW) if self.metric else S_RW  # type: ignore[union-attr]
+        if (not self.metric and self.gravity is None and cfg.gravity.enabled
+                and not any(f.world_from_camera is not None for f in frames)):
+            pts = np.concatenate([g.points for g in geo_r]) if geo_r else np.zeros((0, 3))
+            self.gravity = estimate_gravity_and_scale(pts, T_r, cfg.gravity, self._rng)
+            log.info("unposed map frame: up from %s (tilt vs mean camera up %.1f deg), scale from %s (x%.4g)",
+                     self.gravity.up_source, self.gravity.tilt_deg, self.gravity.scale_source,
+                     self.gravity.map_from_reconstruction.s)
+        S_xr = self._output_from_reconstruction()
+        S_out = S_xr.compose(S_RW) if S_xr is not None else S_RW
         T_out = S_out.transform_pose(T_w)
-        unit = self.map_from_reconstruction.s if self.metric else 1.0  # type: ignore[union-attr]
+        unit = S_xr.s if S_xr is not None else 1.0
+        if self.gravity is not None and not self.metric:
+            res.update({f"gravity_{k}": float(v) for k, v in self.gravity.info.items()})
         if "overlap_rms_r" in res:
             res["overlap_rms"] = res.pop("overlap_rms_r") * unit
         posed = [i for i, f in enumerate(frames) if f.world_from_camera is not None]
