@@ -18,7 +18,8 @@ On disk a map is two files:
    ``ids`` (K,) int32, ``embeddings`` (K, D) float32, ``centers``/``sizes`` (K, 3) float64, ``yaws``/``observations``
    (K,) float64, ``num_gaussians`` (K,) int64 — plus ``camera_positions`` (P, 3), ``up`` (3,) and ``meta``, a JSON
    string with names, encoder_id, embedding_dim, frame_id, floor_height, stamp, version, format_version, map_uuid,
-   num_gaussians_total, has_weights and the PLY's SHA-256.
+   num_gaussians_total, has_weights, the PLY's SHA-256, and the map's scale_is_metric / scale_source (unposed maps:
+   ``camera_height`` prior or ``none``; optional on load, older sidecars read as metric / ``unknown``).
 
 Atomicity. :func:`save_map` writes both files to temporary files in the target directory (fsynced), then
 ``os.replace``-s the sidecar (a new name: the uuid is part of it), then the PLY, then fsyncs the directory and
@@ -424,6 +425,8 @@ def save_map(snapshot: MapSnapshot, path: str | Path) -> None:
         "floor_height": None if snapshot.floor_height is None else float(snapshot.floor_height),
         "stamp": float(snapshot.stamp),
         "version": int(snapshot.version),
+        "scale_is_metric": bool(snapshot.scale_is_metric),
+        "scale_source": str(snapshot.scale_source),
     }
     side = io.BytesIO()
     np.savez(
@@ -690,6 +693,12 @@ def _snapshot_from_files(path: Path, data: bytearray, map_uuid: str, side: Path,
     floor = _meta_float(meta, "floor_height", -MAX_ABS_COORD, MAX_ABS_COORD, allow_none=True)
     stamp = _meta_float(meta, "stamp", 0.0, MAX_STAMP)
     version = _meta_int(meta, "version", 0, MAX_VERSION)
+    scale_is_metric = meta.get("scale_is_metric", True)  # older maps: metric (posed RGB-D)
+    if not isinstance(scale_is_metric, bool):
+        raise MapFormatError(f"sidecar metadata 'scale_is_metric' must be true or false, got {short(scale_is_metric)}")
+    scale_source = meta.get("scale_source", "unknown")
+    if not isinstance(scale_source, str) or len(scale_source) > 200:
+        raise MapFormatError(f"sidecar metadata 'scale_source' must be a short string, got {short(scale_source)}")
 
     fmt, layout = _check_ply_layout(data, path)
     if layout.count != n_total:
@@ -735,6 +744,7 @@ def _snapshot_from_files(path: Path, data: bytearray, map_uuid: str, side: Path,
     return MapSnapshot(
         gaussians=gaussians, instances=instances, encoder_id=encoder_id, up=up, frame_id=frame_id,
         camera_positions=cams, floor_height=floor, stamp=float(stamp), version=version,
+        scale_is_metric=scale_is_metric, scale_source=scale_source,
     )
 
 

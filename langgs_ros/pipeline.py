@@ -9,10 +9,11 @@ without locks held during their own work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +25,32 @@ from langgs_ros.frames import FrameBuffer, FrameError, KeyframeConfig, WindowCon
 from langgs_ros.fusion import FusionConfig, SemanticGaussianMap
 from langgs_ros.gaussians import GaussianInitConfig, gaussians_from_window
 from langgs_ros.query import QueryConfig, QueryEngine
+from langgs_ros.reconstruction.alignment import frame_key
 from langgs_ros.reconstruction.base import Reconstructor, make_reconstructor
 from langgs_ros.semantics.base import SemanticSource, make_semantic_source
 from langgs_ros.sparsify import SparsifyConfig
-from langgs_ros.types import Frame, MapSnapshot
+from langgs_ros.types import Frame, MapSnapshot, WindowReconstruction
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnposedConfig:
+    """Unposed mapping (``backend: feedforward``, ``pose_source: none``); passed to the feedforward backend.
+
+    Attributes:
+        camera_height: declared height of the camera above the floor, metres (``unposed.camera_height``); the
+            unposed map's scale is set from it (scale source ``camera_height``). ``None``: no scale prior, the map
+            keeps the network's arbitrary units (scale source ``none``; metric constants then do not hold).
+        anchors: keyframes of the map reconstructed with every window to register it against the map
+            (``unposed.anchors``; 0 = chain through the window overlap only).
+        max_relocalisations: further anchor sets tried when a window's first anchors fail
+            (``unposed.max_relocalisations``; each costs a network call).
+    """
+
+    camera_height: float | None = None
+    anchors: int = 2
+    max_relocalisations: int = 2
 
 
 @dataclass
@@ -41,6 +62,7 @@ class PipelineConfig:
         backend: reconstruction backend name ("rgbd" or "feedforward"); ``backend_args`` its keyword arguments.
         semantic_source: "labels" or "clip_sam"; ``semantic_args`` its keyword arguments.
         up: gravity-up unit vector of the map frame (``[0, 0, 1]`` for a REP-103 ``map``).
+        unposed: :class:`UnposedConfig` (feedforward backend only; ``backend_args`` entries take precedence).
     """
 
     device: str = "cpu"
@@ -55,6 +77,7 @@ class PipelineConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     up: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    unposed: UnposedConfig = field(default_factory=UnposedConfig)
 
 
 @dataclass
@@ -69,6 +92,8 @@ class WindowStats:
     t_semantics: float
     t_gaussians: float
     t_fuse: float
+    num_fused_frames: int = -1
+    """Frames segmented and fused (the window's frames minus those already fused, e.g. the overlap)."""
 
     @property
     def t_total(self) -> float:
@@ -89,6 +114,9 @@ class MappingPipeline:
         self.config = config
         self.device = torch.device(config.device)
         backend_args = {"device": config.device, **config.backend_args}
+        if config.backend == "feedforward" and reconstructor is None:
+            for k, v in dataclasses.asdict(config.unposed).items():
+                backend_args.setdefault(k, v)
         self.reconstructor = reconstructor or make_reconstructor(config.backend, **backend_args)
         semantic_args = dict(config.semantic_args)
         if config.semantic_source == "clip_sam":
@@ -100,9 +128,18 @@ class MappingPipeline:
             sparsify_config=config.sparsify, up=config.up, device=config.device,
         )
         self.query_engine = QueryEngine(self.text_encoder, config.query)
+        self._fused: OrderedDict[tuple[str, float], None] = OrderedDict()
+        self._fused_capacity = 4 * max(1, config.window.size)
+        self.scale_is_metric = True
+        self.scale_source = "unknown"
+        self.skipped_fused_frames = 0
 
     def process_window(self, frames: Sequence[Frame]) -> WindowStats:
         """Reconstruct, lift, sparsify and fuse one window into the map.
+
+        The whole window is reconstructed (its overlap frames register it), but frames already fused by an
+        earlier window (same ``frame_id`` and stamp, e.g. the overlap carried by the frame buffer) are neither
+        segmented nor fused again, so their observations are counted once.
 
         Raises:
             ValueError: unusable window (from the backend or semantic source); the map is unchanged.
@@ -112,24 +149,56 @@ class MappingPipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             rec = self.reconstructor.reconstruct(frames)
+            self.scale_is_metric = bool(rec.scale_is_metric)
+            self.scale_source = rec.scale_source
             t1 = time.perf_counter()
-            segs = self.semantics.segment(rec.frames)
-            t2 = time.perf_counter()
-            per_frame = gaussians_from_window(rec, segs, self.config.gaussians)
-            t3 = time.perf_counter()
-            n_pix = sum(len(g) for g in per_frame)
-            self.map.integrate(per_frame, segs, rec.world_from_camera, stamp=float(frames[-1].stamp))
+            new = [i for i, f in enumerate(rec.frames) if frame_key(f) not in self._fused]
+            self.skipped_fused_frames += len(rec.frames) - len(new)
+            n_pix = 0
+            if new:
+                rec = rec if len(new) == len(rec.frames) else _select_frames(rec, new)
+                segs = self.semantics.segment(rec.frames)
+                t2 = time.perf_counter()
+                per_frame = gaussians_from_window(rec, segs, self.config.gaussians)
+                t3 = time.perf_counter()
+                n_pix = sum(len(g) for g in per_frame)
+                self.map.integrate(per_frame, segs, rec.world_from_camera, stamp=float(frames[-1].stamp))
+                for f in rec.frames:
+                    self._fused[frame_key(f)] = None
+                while len(self._fused) > self._fused_capacity:
+                    self._fused.popitem(last=False)
+            else:
+                t2 = t3 = time.perf_counter()
             t4 = time.perf_counter()
         return WindowStats(len(frames), n_pix, self.map.num_gaussians, self.map.num_instances,
-                           t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+                           t1 - t0, t2 - t1, t3 - t2, t4 - t3, num_fused_frames=len(new))
 
     def snapshot(self) -> MapSnapshot:
-        """A consistent CPU copy of the map."""
-        return self.map.snapshot()
+        """A consistent CPU copy of the map, with the scale's provenance (``scale_is_metric``, ``scale_source``)."""
+        snap = self.map.snapshot()
+        if snap.scale_is_metric != self.scale_is_metric or snap.scale_source != self.scale_source:
+            snap = dataclasses.replace(snap, scale_is_metric=self.scale_is_metric, scale_source=self.scale_source)
+        return snap
+
+    def registration_stats(self) -> dict[str, float | str]:
+        """Diagnostics of window registration and scale (for ``/diagnostics``).
+
+        Returns:
+            The reconstructor's ``registration_stats()`` when it has one (feedforward: ``windows_registered``,
+            ``relocalisations``, ``registration_failures``, ``keyframes``, ``oom_fallbacks``, ``scale_source``,
+            ``up_source``), plus ``scale_is_metric`` (0/1), ``scale_source`` and ``skipped_fused_frames``
+            (window frames not fused again because an earlier window fused them).
+        """
+        stats_fn = getattr(self.reconstructor, "registration_stats", None)
+        out: dict[str, float | str] = dict(stats_fn()) if callable(stats_fn) else {}
+        out.update(scale_is_metric=float(self.scale_is_metric), scale_source=self.scale_source,
+                   skipped_fused_frames=float(self.skipped_fused_frames))
+        return out
 
     def reset(self) -> None:
         """Clear the map and any state the reconstructor keeps across windows (e.g. window alignment)."""
         self.map.reset()
+        self._fused.clear()
         reset = getattr(self.reconstructor, "reset", None)
         if callable(reset):
             reset()
@@ -154,6 +223,9 @@ class MappingPipeline:
         cfg = self.config
         self.map = SemanticGaussianMap.from_snapshot(snapshot, config=cfg.fusion, sparsify_config=cfg.sparsify,
                                                      device=cfg.device)
+        self._fused.clear()
+        self.scale_is_metric = bool(snapshot.scale_is_metric)
+        self.scale_source = snapshot.scale_source
         reset = getattr(self.reconstructor, "reset", None)
         if callable(reset):
             reset()
@@ -430,6 +502,14 @@ class MappingWorker:
                 self._drain(force=due)
             except Exception as exc:  # the worker thread must survive anything
                 self._fault("the worker loop", exc)
+
+
+def _select_frames(rec: WindowReconstruction, index: list[int]) -> WindowReconstruction:
+    """The reconstruction of a subset of a window's frames (``index`` into ``rec.frames``)."""
+    idx = torch.as_tensor(index, dtype=torch.long, device=rec.depth.device)
+    return dataclasses.replace(rec, frames=[rec.frames[i] for i in index], depth=rec.depth[idx],
+                               confidence=rec.confidence[idx], intrinsics=rec.intrinsics[idx],
+                               world_from_camera=rec.world_from_camera[idx])
 
 
 def camera_centers(snapshot: MapSnapshot) -> np.ndarray:

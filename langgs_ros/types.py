@@ -88,6 +88,8 @@ class WindowReconstruction:
             unposed window before alignment).
         scale_is_metric: whether depth and translations are in metres.
         residuals: optional diagnostics from alignment (e.g. ``{"ate_m": ..., "scale": ...}``).
+        scale_source: where the scale comes from: ``"depth_sensor"``, ``"odometry"``, ``"camera_height"`` (a
+            declared prior: metres if the prior is right), ``"none"`` (arbitrary units) or ``"unknown"``.
     """
 
     frames: list[Frame]
@@ -98,6 +100,7 @@ class WindowReconstruction:
     frame: str = "map"
     scale_is_metric: bool = True
     residuals: dict[str, float] = field(default_factory=dict)
+    scale_source: str = "unknown"
 
     def __len__(self) -> int:
         return int(self.depth.shape[0])
@@ -250,6 +253,10 @@ class MapSnapshot:
         floor_height: height of the floor along ``up`` (``up · p`` at the floor), metres, or ``None``.
         stamp: time of the last update in seconds.
         version: increments with each map update.
+        scale_is_metric: whether the map's units are metres measured by a sensor (depth, odometry/tf); False for
+            unposed maps scaled by a prior or not at all.
+        scale_source: see :attr:`WindowReconstruction.scale_source` (``"unknown"`` for maps saved before it
+            was recorded).
     """
 
     gaussians: Gaussians
@@ -261,3 +268,5 @@ class MapSnapshot:
     floor_height: float | None = None
     stamp: float = 0.0
     version: int = 0
+    scale_is_metric: bool = True
+    scale_source: str = "unknown"

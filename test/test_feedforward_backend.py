@@ -159,8 +159,11 @@ def test_vggt_tiny_adapter_end_to_end(frames: list[Frame], width: int) -> None:
     assert torch.all(out.world_from_camera[:, 3] == torch.tensor([0.0, 0.0, 0.0, 1.0]))
     assert out.frame == "map" and out.scale_is_metric is False
     np.testing.assert_allclose(out.intrinsics.numpy(), np.stack([f.intrinsics for f in window]), rtol=1e-6)
-    # the first window defines the map frame (identity alignment)
-    assert rec.last_alignment is not None and np.allclose(rec.last_alignment.window_to_output.matrix(), np.eye(4))
+    # the first window defines the map frame: its own frame, only turned to z-up (gravity estimate, no scale prior)
+    assert rec.last_alignment is not None and rec.aligner.gravity is not None
+    np.testing.assert_allclose(rec.last_alignment.window_to_output.matrix(),
+                               rec.aligner.gravity.map_from_reconstruction.matrix(), atol=1e-9)
+    assert rec.last_alignment.window_to_output.s == 1.0 and out.scale_source == "none"
     # the pipeline-facing factory builds the same backend (random weights only on explicit request)
     built = make_reconstructor("feedforward", preset="tiny", allow_random_weights=True, image_width=width)
     assert isinstance(built, FeedForwardReconstructor) and isinstance(built.backbone, VGGTBackbone)

@@ -15,6 +15,15 @@ the window — and at an arbitrary global scale. This module places consecutive 
    the camera centres in ``R`` and in the odometry frame ``O`` are accumulated over windows and a Sim(3)
    ``O <- R`` is re-estimated after every window (RANSAC). Output poses are then in ``O``: metric, with the
    odometry frame's gravity (its ``z``/up axis).
+5. **Gravity and scale without odometry** (:mod:`~langgs_ros.reconstruction.gravity`): when the first window
+   carries no odometry, a Sim(3) ``M <- R`` is estimated once from it (RANSAC floor plane checked against the mean
+   camera up; scale from the declared camera height above the floor) and applied to every window: the map is
+   z-up with the floor at z = 0, in metres of the prior (``scale_source = "camera_height"``) or in reconstruction
+   units (``"none"``). It is frozen after the first window because fused windows are not moved.
+
+Frames placed in the map are kept in a :class:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory` (images,
+geometry, descriptors); the reconstructor feeds some of them back to the network as *anchors* with each window, so
+windows are registered against the map, not only against the previous window.
 
 Conventions: poses are 4x4 ``world_from_camera`` (camera-to-world, OpenCV optical axes) float64 arrays; a
 :class:`Sim3` ``S = (s, R, t)`` maps a point ``x`` to ``s R x + t``; ``A.compose(B)`` is ``A ∘ B`` (apply ``B``
@@ -23,6 +32,7 @@ first). Units: metres in the odometry frame, "window units" (arbitrary) in recon
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -31,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from langgs_ros.reconstruction.gravity import GravityConfig, GravityEstimate, estimate_gravity_and_scale
+from langgs_ros.reconstruction.keyframe_memory import KeyframeMemory
 from langgs_ros.types import Frame
 
 log = logging.getLogger(__name__)
@@ -638,8 +650,9 @@ class AlignerConfig:
             (else orientations give the rotation, see :func:`fit_trajectory_sim3`), metres.
         odometry_max_frames: most recent odometry correspondences kept (older ones dropped: the fit tracks slow
             drift of the chained reconstruction).
-        max_stored_frames: frames whose geometry is kept for overlap alignment (most recent first; a window
-            only shares frames with the last one or two windows).
+        max_stored_frames: capacity of the keyframe memory (frames whose image and geometry are kept as
+            registration targets and anchors; when full, the most redundant one is evicted).
+        gravity: gravity / scale estimation for windows without odometry (:class:`GravityConfig`).
     """
 
     grid_stride: int = 8
@@ -648,13 +661,14 @@ class AlignerConfig:
     overlap_threshold: float = 0.03
     symmetric_scale: bool = True
     min_overlap_inliers: int = 20
-    min_inlier_ratio: float = 0.25
+    min_inlier_ratio: float = 0.5
     ransac_iterations: int = 300
     odometry_threshold_m: float = 0.10
     odometry_min_baseline_m: float = 0.10
     odometry_min_spread_m: float = 0.03
     odometry_max_frames: int = 500
-    max_stored_frames: int = 64
+    max_stored_frames: int = 128
+    gravity: GravityConfig = field(default_factory=GravityConfig)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on out-of-range settings."""
@@ -666,6 +680,7 @@ class AlignerConfig:
             raise ValueError(f"min_inlier_ratio must be in [0, 1], got {self.min_inlier_ratio}")
         if self.centre_weight < 0 or self.odometry_max_frames < 3 or self.max_stored_frames < 1:
             raise ValueError("centre_weight must be >= 0, odometry_max_frames >= 3, max_stored_frames >= 1")
+        self.gravity.validate()
 
 
 def fit_shared_frames(src: Sequence[FrameGeometry], dst: Sequence[FrameGeometry], config: AlignerConfig,
@@ -765,7 +780,8 @@ class WindowAligner:
     def reset(self) -> None:
         """Forget every window: the next window defines the map frame again."""
         self._rng = np.random.default_rng(self._seed)
-        self._store: OrderedDict[tuple[str, float], FrameGeometry] = OrderedDict()
+        self.memory = KeyframeMemory(self.config.max_stored_frames)
+        self.gravity: GravityEstimate | None = None
         self._odom: OrderedDict[tuple[str, float], _OdomPair] = OrderedDict()
         self.map_from_reconstruction: Sim3 | None = None
         self.num_windows = 0
@@ -778,8 +794,28 @@ class WindowAligner:
 
     @property
     def num_stored_frames(self) -> int:
-        """Frames whose geometry is kept for overlap alignment."""
-        return len(self._store)
+        """Frames whose geometry is kept for overlap alignment (keyframes in :attr:`memory`)."""
+        return len(self.memory)
+
+    @property
+    def scale_source(self) -> str:
+        """Where the output scale comes from: ``"odometry"``, ``"camera_height"`` (declared prior) or ``"none"``."""
+        if self.metric:
+            return "odometry"
+        return self.gravity.scale_source if self.gravity is not None else "none"
+
+    @property
+    def up_source(self) -> str:
+        """Where the output up (z) comes from: ``"odometry"``, ``"floor_plane"``, ``"camera_up"`` or ``"none"``."""
+        if self.metric:
+            return "odometry"
+        return self.gravity.up_source if self.gravity is not None else "none"
+
+    def _output_from_reconstruction(self) -> Sim3 | None:
+        """The current ``out <- R`` transform (odometry fit, else the gravity/scale prior, else None = identity)."""
+        if self.map_from_reconstruction is not None:
+            return self.map_from_reconstruction
+        return self.gravity.map_from_reconstruction if self.gravity is not None else None
 
     def align(self, frames: Sequence[Frame], world_from_camera: np.ndarray, depth: np.ndarray,
               intrinsics: np.ndarray, confidence: np.ndarray | None = None) -> WindowAlignment:
@@ -824,16 +860,16 @@ class WindowAligner:
         geo_w = [sample_frame_geometry(keys[i], D[i], Ks[i], T_w[i], None if C is None else C[i],
                                        cfg.grid_stride) for i in range(S)]
         res: dict[str, float] = {}
-        shared = [i for i, k in enumerate(keys) if k in self._store]
+        shared = [i for i, k in enumerate(keys) if k in self.memory]
         res["overlap_frames"] = float(len(shared))
         S_RW: Sim3 | None = None
         overlap_error = ""
-        if not self._store:
+        if not len(self.memory):
             S_RW = Sim3.identity()
         elif shared:
             try:
                 S_RW, rms_r, ratio, npts = self._fit_overlap([geo_w[i] for i in shared],
-                                                             [self._store[keys[i]] for i in shared])
+                                                             [self.memory[keys[i]].geometry for i in shared])
                 res.update(overlap_points=float(npts), overlap_inlier_ratio=ratio, overlap_rms_r=rms_r)
             except AlignmentError as exc:
                 overlap_error = str(exc)
@@ -845,14 +881,14 @@ class WindowAligner:
                 raise AlignmentError(f"cannot place the window in the map: {why}; and no odometry fallback (needs "
                                      "an established metric fit and posed frames in this window)")
             res["odometry_fallback"] = 1.0
+        if (self.gravity is not None and not self.metric and cfg.gravity.correction_gain > 0
+                and not any(f.world_from_camera is not None for f in frames)):
+            S_RW = self._level_window(S_RW, geo_w, T_w, [i for i in shared], res)
         geo_r = [g.transformed(S_RW) for g in geo_w]
         T_r = S_RW.transform_pose(T_w)
         # Store new frames (first placement wins: the map was built from it).
-        for g in geo_r:
-            if g.key not in self._store:
-                self._store[g.key] = g
-        while len(self._store) > cfg.max_stored_frames:
-            self._store.popitem(last=False)
+        for f, g in zip(frames, geo_r):
+            self.memory.add(g.key, f, g, self.num_windows)
         # Odometry pairs and the R -> O fit.
         added = 0
         for i, f in enumerate(frames):
@@ -868,9 +904,19 @@ class WindowAligner:
         if added:
             self._refit_odometry()
         res.update(self.last_odometry_fit)
-        S_out = self.map_from_reconstruction.compose(S_RW) if self.metric else S_RW  # type: ignore[union-attr]
+        if (not self.metric and self.gravity is None and cfg.gravity.enabled
+                and not any(f.world_from_camera is not None for f in frames)):
+            pts = np.concatenate([g.points for g in geo_r]) if geo_r else np.zeros((0, 3))
+            self.gravity = estimate_gravity_and_scale(pts, T_r, cfg.gravity, self._rng)
+            log.info("unposed map frame: up from %s (tilt vs mean camera up %.1f deg), scale from %s (x%.4g)",
+                     self.gravity.up_source, self.gravity.tilt_deg, self.gravity.scale_source,
+                     self.gravity.map_from_reconstruction.s)
+        S_xr = self._output_from_reconstruction()
+        S_out = S_xr.compose(S_RW) if S_xr is not None else S_RW
         T_out = S_out.transform_pose(T_w)
-        unit = self.map_from_reconstruction.s if self.metric else 1.0  # type: ignore[union-attr]
+        unit = S_xr.s if S_xr is not None else 1.0
+        if self.gravity is not None and not self.metric:
+            res.update({f"gravity_{k}": float(v) for k, v in self.gravity.info.items()})
         if "overlap_rms_r" in res:
             res["overlap_rms"] = res.pop("overlap_rms_r") * unit
         posed = [i for i, f in enumerate(frames) if f.world_from_camera is not None]
@@ -890,6 +936,47 @@ class WindowAligner:
         return WindowAlignment(S_out, T_out, S_out.s, self.metric, res)
 
     # ------------------------------------------------------------------ internals
+    def _level_window(self, S_RW: Sim3, geo_w: list[FrameGeometry], T_w: np.ndarray, shared: list[int],
+                      res: dict[str, float]) -> Sim3:
+        """Keep the map gravity-aligned as it grows: tilt a registered window towards its own floor's level.
+
+        The window's floor normal ``n`` in the map frame ``M`` (:func:`estimate_gravity_and_scale` on its points
+        and cameras mapped through ``S_MR ∘ S_RW``) should be ``+z``; chained registrations drift away from it. The
+        window is rotated by ``correction_gain`` times the angle between ``n`` and ``z`` (at most
+        ``max_correction_deg``; larger disagreements are left alone as a wrong floor) about the mean centre of its
+        frames shared with the map, where the registration holds. Returns the corrected ``S_RW``.
+        """
+        from langgs_ros.reconstruction.gravity import rotation_between
+
+        gcfg = self.config.gravity
+        S_MR = self.gravity.map_from_reconstruction  # type: ignore[union-attr]
+        S_MW = S_MR.compose(S_RW)
+        pts = np.concatenate([S_MW.apply(g.points) for g in geo_w]) if geo_w else np.zeros((0, 3))
+        T_m = S_MW.transform_pose(T_w)
+        try:
+            est = estimate_gravity_and_scale(pts, T_m, dataclasses.replace(gcfg, camera_height=None), self._rng)
+        except ValueError:
+            return S_RW
+        if est.up_source != "floor_plane":
+            return S_RW
+        z = np.array([0.0, 0.0, 1.0])
+        tilt = math.degrees(math.acos(float(np.clip(est.up_reconstruction @ z, -1.0, 1.0))))
+        res["gravity_window_tilt_deg"] = tilt
+        if tilt > gcfg.max_correction_deg or tilt < 1e-6:
+            return S_RW
+        R_full = rotation_between(est.up_reconstruction, z)
+        angle = math.radians(tilt) * gcfg.correction_gain
+        axis = np.cross(est.up_reconstruction, z)
+        axis /= np.linalg.norm(axis)
+        K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        R_c = np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K  # Rodrigues, a fraction of R_full
+        del R_full
+        idx = shared or list(range(T_m.shape[0]))
+        pivot = T_m[idx, :3, 3].mean(axis=0)
+        C = Sim3(1.0, R_c, pivot - R_c @ pivot)  # rotate about the pivot in M
+        res["gravity_correction_deg"] = math.degrees(angle)
+        return S_MR.inverse().compose(C).compose(S_MW)
+
     def _fit_overlap(self, src: list[FrameGeometry], dst: list[FrameGeometry]) -> tuple[Sim3, float, float, int]:
         """Sim(3) window -> R from shared frames; returns (sim, inlier RMS in R units, inlier ratio, N)."""
         return fit_shared_frames(src, dst, self.config, self._rng)

@@ -27,7 +27,13 @@ Per window of S frames (:meth:`FeedForwardReconstructor.reconstruct`):
    ``min_confidence`` get depth 0 and confidence 0.
 6. **Poses**: extrinsics are inverted to camera-to-window poses, then placed into the map frame by a
    :class:`~langgs_ros.reconstruction.alignment.WindowAligner` (Sim(3) through shared frames; metric scale and
-   gravity from odometry when frames carry ``world_from_camera`` poses). Depth is multiplied by the Sim(3) scale.
+   gravity from odometry when frames carry ``world_from_camera`` poses; without odometry, gravity from the floor
+   plane and scale from ``camera_height``). Depth is multiplied by the Sim(3) scale.
+7. **Anchors and relocalisation**: each window is reconstructed with ``anchors`` keyframes of the aligner's
+   :class:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory` appended (the most similar to the window's
+   newest frames) and registered through them and its overlap frames; if that fails, up to ``max_relocalisations``
+   further anchor sets are tried (counted in :attr:`FeedForwardReconstructor.relocalisations`; windows no set
+   places raise and are counted in ``registration_failures``). Anchors are not part of the returned window.
 
 Memory: intermediates are released after each window (``torch.cuda.empty_cache()`` on CUDA). On
 ``torch.OutOfMemoryError`` the window is split into two halves sharing one frame (recursively), each half is
@@ -374,6 +380,15 @@ class FeedForwardReconstructor(Reconstructor):
         aligner: a :class:`WindowAligner` (default: a new one with :class:`AlignerConfig` defaults).
         allow_random_weights: with ``weights=None``, build a randomly initialised network instead of loading the
             default checkpoint (tests and benchmarks only; its outputs are meaningless geometry).
+        anchors: keyframes from the map's keyframe memory reconstructed with every window (``k``, chosen by
+            image similarity to the window's newest frames, see
+            :meth:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory.anchor_sets`); the window is
+            registered through them, so a dropped or failed window never disconnects the map. 0 = chain through
+            the window overlap only.
+        max_relocalisations: further anchor sets tried when the first fails (other similar keyframes, then
+            keyframes spread over the map); each costs one more network call.
+        camera_height: declared camera height above the floor, metres, for the scale of unposed maps without
+            odometry (``unposed.camera_height``; sets ``aligner.config.gravity.camera_height`` when given).
 
     Raises:
         ValueError: bad ``dtype``, ``camera_info``, ``image_width`` or ``min_confidence``.
@@ -385,7 +400,8 @@ class FeedForwardReconstructor(Reconstructor):
     def __init__(self, preset: str = "vggt_1b", weights: str | None = None, device: str | torch.device = "cpu",
                  dtype: str = "auto", image_width: int = 518, min_confidence: float = 0.2,
                  camera_info: str = "replace", max_depth_jump: float = 0.1, backbone: Backbone | None = None,
-                 aligner: WindowAligner | None = None, allow_random_weights: bool = False) -> None:
+                 aligner: WindowAligner | None = None, allow_random_weights: bool = False, anchors: int = 2,
+                 max_relocalisations: int = 2, camera_height: float | None = None) -> None:
         self.device = torch.device(device)
         if camera_info not in ("replace", "check", "ignore"):
             raise ValueError(f"camera_info must be 'replace', 'check' or 'ignore', got {camera_info!r}")
@@ -398,8 +414,16 @@ class FeedForwardReconstructor(Reconstructor):
         self.max_depth_jump = float(max_depth_jump)
         self.dtype = self._resolve_dtype(dtype)
         self.aligner = aligner if aligner is not None else WindowAligner(AlignerConfig())
+        if camera_height is not None:
+            self.aligner.config.gravity.camera_height = float(camera_height)
+            self.aligner.config.validate()
         self.oom_fallbacks = 0
         self.last_alignment: WindowAlignment | None = None
+        if anchors < 0 or max_relocalisations < 0:
+            raise ValueError(f"anchors and max_relocalisations must be >= 0, got {anchors}, {max_relocalisations}")
+        self.anchors = int(anchors)
+        self.max_relocalisations = int(max_relocalisations)
+        self.windows_registered = self.relocalisations = self.registration_failures = 0
         if backbone is None:
             from langgs_ros.models.vggt import DEFAULT_REPO_ID, build_vggt
 
@@ -454,47 +478,97 @@ class FeedForwardReconstructor(Reconstructor):
         if len(set(keys)) != len(keys):
             raise ValueError("a window contains the same frame (frame_id, stamp) twice")
         splits_before = self.oom_fallbacks
-        t0 = time.perf_counter()
-        with torch.inference_mode():  # the backbone; outputs below are ordinary tensors (usable outside it)
-            pred = self._predict(list(frames))
-        t_backbone = time.perf_counter() - t0
+        S = len(frames)
+        memory = self.aligner.memory
+        if self.anchors > 0 and len(memory):
+            anchor_sets = memory.anchor_sets(frames, self.anchors, exclude=set(keys),
+                                             attempts=1 + self.max_relocalisations)
+        else:
+            anchor_sets = [[]]
+        t_backbone = 0.0
+        errors: list[str] = []
+        for attempt, anchors in enumerate(anchor_sets):
+            full = list(frames) + [a.frame for a in anchors]
+            t0 = time.perf_counter()
+            with torch.inference_mode():  # the backbone; outputs below are ordinary tensors (usable outside it)
+                pred = self._predict(full)
+            t_backbone += time.perf_counter() - t0
+            with torch.no_grad():
+                depth, conf_raw = pred.depth, pred.conf_raw
+                pred.depth = pred.conf_raw = torch.empty(0)  # the window's only references are the locals now
+                valid = depth > 0
+                conf = confidence_to_unit(conf_raw + 1.0, valid)
+                keep = valid & (conf >= self.min_confidence) & (conf > 0)
+                depth = torch.where(keep, depth, torch.zeros_like(depth))
+                conf = torch.where(keep, conf, torch.zeros_like(conf))
+                del conf_raw, valid, keep
+                try:
+                    alignment = self.aligner.align(full, pred.world_from_camera, depth.cpu().numpy(),
+                                                   pred.intrinsics, conf.cpu().numpy())
+                except AlignmentError as exc:
+                    errors.append(str(exc))
+                    del depth, conf, pred
+                    self._free()
+                    if attempt + 1 < len(anchor_sets):
+                        log.warning("feedforward backend: window not registered with anchors %s (%s); relocalising "
+                                    "with other keyframes", [a.frame.frame_id for a in anchors], exc)
+                    continue
+            break
+        else:
+            self.registration_failures += 1
+            raise AlignmentError(f"window of {S} frames not registered against the map after {len(anchor_sets)} "
+                                 f"attempt(s) with anchor keyframes [{self.registration_failures} such windows so "
+                                 f"far]: {errors[-1]}")
+        if attempt > 0:
+            self.relocalisations += 1
+        self.windows_registered += 1
+        self.last_alignment = alignment
+        if not alignment.metric and any(f.world_from_camera is not None for f in frames):
+            raise ValueError("feedforward backend: frames carry odometry poses but the metric scale is not "
+                             "observable yet (too little camera motion); window skipped, its geometry is kept "
+                             "for aligning the next windows")
         with torch.no_grad():
-            depth, conf_raw = pred.depth, pred.conf_raw
-            pred.depth = pred.conf_raw = torch.empty(0)  # the window's only references are the locals now
-            valid = depth > 0
-            conf = confidence_to_unit(conf_raw + 1.0, valid)
-            keep = valid & (conf >= self.min_confidence) & (conf > 0)
-            depth = torch.where(keep, depth, torch.zeros_like(depth))
-            conf = torch.where(keep, conf, torch.zeros_like(conf))
-            del conf_raw, valid, keep
-            alignment = self.aligner.align(frames, pred.world_from_camera, depth.cpu().numpy(), pred.intrinsics,
-                                           conf.cpu().numpy())
-            self.last_alignment = alignment
-            if not alignment.metric and any(f.world_from_camera is not None for f in frames):
-                raise ValueError("feedforward backend: frames carry odometry poses but the metric scale is not "
-                                 "observable yet (too little camera motion); window skipped, its geometry is kept "
-                                 "for aligning the next windows")
-            depth = depth * float(alignment.depth_scale)
+            depth = depth[:S] * float(alignment.depth_scale)
+            conf = conf[:S]
         residuals = dict(alignment.residuals)
         errs = [e for e in pred.focal_rel_err if math.isfinite(e)]
         if errs:
             residuals["focal_rel_err"] = float(np.mean(errs))
         residuals["oom_splits"] = float(self.oom_fallbacks - splits_before)
         residuals["t_backbone_s"] = float(t_backbone)
+        residuals["anchors"] = float(len(anchor_sets[attempt]))
+        residuals["registration_attempts"] = float(attempt + 1)
+        residuals["relocalised"] = float(attempt > 0)
         rec = WindowReconstruction(
             frames=list(frames), depth=depth.to(self.device, torch.float32).contiguous(),
             confidence=conf.to(self.device, torch.float32).contiguous(),
-            intrinsics=torch.from_numpy(pred.intrinsics).to(self.device, torch.float32),
-            world_from_camera=torch.from_numpy(alignment.world_from_camera).to(self.device, torch.float32),
+            intrinsics=torch.from_numpy(pred.intrinsics[:S]).to(self.device, torch.float32),
+            world_from_camera=torch.from_numpy(alignment.world_from_camera[:S]).to(self.device, torch.float32),
             frame="map", scale_is_metric=bool(alignment.metric), residuals=residuals,
+            scale_source=self.aligner.scale_source,
         )
         self._free()
         return rec
+
+    def registration_stats(self) -> dict[str, float | str]:
+        """Counters of window registration against the keyframe memory (for diagnostics).
+
+        Returns:
+            ``windows_registered`` (windows placed in the map, relocalised ones included), ``relocalisations``
+            (windows placed only after their first anchor set failed), ``registration_failures`` (windows no
+            anchor set could place; they were skipped), ``keyframes`` (in the memory), ``oom_fallbacks``,
+            ``scale_source`` and ``up_source`` (see :class:`WindowAligner`).
+        """
+        return {"windows_registered": float(self.windows_registered), "relocalisations": float(self.relocalisations),
+                "registration_failures": float(self.registration_failures),
+                "keyframes": float(len(self.aligner.memory)), "oom_fallbacks": float(self.oom_fallbacks),
+                "scale_source": self.aligner.scale_source, "up_source": self.aligner.up_source}
 
     def reset(self) -> None:
         """Forget the map alignment (next window defines the map frame again)."""
         self.aligner.reset()
         self.last_alignment = None
+        self.windows_registered = self.relocalisations = self.registration_failures = 0
 
     # ------------------------------------------------------------------ internals
     def _free(self) -> None:

@@ -70,5 +70,5 @@ class RGBDReconstructor(Reconstructor):
             frames=list(frames), depth=depth, confidence=conf,
             intrinsics=torch.from_numpy(np.stack(Ks)).float().to(self.device),
             world_from_camera=torch.from_numpy(np.stack(poses)).float().to(self.device),
-            frame="map", scale_is_metric=True,
+            frame="map", scale_is_metric=True, scale_source="depth_sensor",
         )
