@@ -32,7 +32,6 @@ first). Units: metres in the odometry frame, "window units" (arbitrary) in recon
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -881,9 +880,6 @@ class WindowAligner:
                 raise AlignmentError(f"cannot place the window in the map: {why}; and no odometry fallback (needs "
                                      "an established metric fit and posed frames in this window)")
             res["odometry_fallback"] = 1.0
-        if (self.gravity is not None and not self.metric and cfg.gravity.correction_gain > 0
-                and not any(f.world_from_camera is not None for f in frames)):
-            S_RW = self._level_window(S_RW, geo_w, T_w, [i for i in shared], res)
         geo_r = [g.transformed(S_RW) for g in geo_w]
         T_r = S_RW.transform_pose(T_w)
         # Store new frames (first placement wins: the map was built from it).
@@ -936,47 +932,6 @@ class WindowAligner:
         return WindowAlignment(S_out, T_out, S_out.s, self.metric, res)
 
     # ------------------------------------------------------------------ internals
-    def _level_window(self, S_RW: Sim3, geo_w: list[FrameGeometry], T_w: np.ndarray, shared: list[int],
-                      res: dict[str, float]) -> Sim3:
-        """Keep the map gravity-aligned as it grows: tilt a registered window towards its own floor's level.
-
-        The window's floor normal ``n`` in the map frame ``M`` (:func:`estimate_gravity_and_scale` on its points
-        and cameras mapped through ``S_MR ∘ S_RW``) should be ``+z``; chained registrations drift away from it. The
-        window is rotated by ``correction_gain`` times the angle between ``n`` and ``z`` (at most
-        ``max_correction_deg``; larger disagreements are left alone as a wrong floor) about the mean centre of its
-        frames shared with the map, where the registration holds. Returns the corrected ``S_RW``.
-        """
-        from langgs_ros.reconstruction.gravity import rotation_between
-
-        gcfg = self.config.gravity
-        S_MR = self.gravity.map_from_reconstruction  # type: ignore[union-attr]
-        S_MW = S_MR.compose(S_RW)
-        pts = np.concatenate([S_MW.apply(g.points) for g in geo_w]) if geo_w else np.zeros((0, 3))
-        T_m = S_MW.transform_pose(T_w)
-        try:
-            est = estimate_gravity_and_scale(pts, T_m, dataclasses.replace(gcfg, camera_height=None), self._rng)
-        except ValueError:
-            return S_RW
-        if est.up_source != "floor_plane":
-            return S_RW
-        z = np.array([0.0, 0.0, 1.0])
-        tilt = math.degrees(math.acos(float(np.clip(est.up_reconstruction @ z, -1.0, 1.0))))
-        res["gravity_window_tilt_deg"] = tilt
-        if tilt > gcfg.max_correction_deg or tilt < 1e-6:
-            return S_RW
-        R_full = rotation_between(est.up_reconstruction, z)
-        angle = math.radians(tilt) * gcfg.correction_gain
-        axis = np.cross(est.up_reconstruction, z)
-        axis /= np.linalg.norm(axis)
-        K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        R_c = np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K  # Rodrigues, a fraction of R_full
-        del R_full
-        idx = shared or list(range(T_m.shape[0]))
-        pivot = T_m[idx, :3, 3].mean(axis=0)
-        C = Sim3(1.0, R_c, pivot - R_c @ pivot)  # rotate about the pivot in M
-        res["gravity_correction_deg"] = math.degrees(angle)
-        return S_MR.inverse().compose(C).compose(S_MW)
-
     def _fit_overlap(self, src: list[FrameGeometry], dst: list[FrameGeometry]) -> tuple[Sim3, float, float, int]:
         """Sim(3) window -> R from shared frames; returns (sim, inlier RMS in R units, inlier ratio, N)."""
         return fit_shared_frames(src, dst, self.config, self._rng)

@@ -27,13 +27,7 @@ Per window of S frames (:meth:`FeedForwardReconstructor.reconstruct`):
    ``min_confidence`` get depth 0 and confidence 0.
 6. **Poses**: extrinsics are inverted to camera-to-window poses, then placed into the map frame by a
    :class:`~langgs_ros.reconstruction.alignment.WindowAligner` (Sim(3) through shared frames; metric scale and
-   gravity from odometry when frames carry ``world_from_camera`` poses; without odometry, gravity from the floor
-   plane and scale from ``camera_height``). Depth is multiplied by the Sim(3) scale.
-7. **Anchors and relocalisation**: each window is reconstructed with ``anchors`` keyframes of the aligner's
-   :class:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory` appended (the most similar to the window's
-   newest frames) and registered through them and its overlap frames; if that fails, up to ``max_relocalisations``
-   further anchor sets are tried (counted in :attr:`FeedForwardReconstructor.relocalisations`; windows no set
-   places raise and are counted in ``registration_failures``). Anchors are not part of the returned window.
+   gravity from odometry when frames carry ``world_from_camera`` poses). Depth is multiplied by the Sim(3) scale.
 
 Memory: intermediates are released after each window (``torch.cuda.empty_cache()`` on CUDA). On
 ``torch.OutOfMemoryError`` the window is split into two halves sharing one frame (recursively), each half is

@@ -49,10 +49,6 @@ class GravityConfig:
         min_plane_fraction: a plane needs at least this fraction of the points as inliers.
         floor_min_fraction: the floor is the lowest plane with at least this fraction of the largest plane's inliers.
         max_points: points used (uniform subsample).
-        correction_gain: fraction of each later window's floor tilt corrected when it is registered (keeps the map
-            level as it grows; 0 = the first window's gravity only).
-        max_correction_deg: windows whose own floor disagrees with the map's z by more than this are not levelled
-            (their "floor" is probably another surface).
     """
 
     enabled: bool = True
@@ -64,8 +60,6 @@ class GravityConfig:
     min_plane_fraction: float = 0.03
     floor_min_fraction: float = 0.3
     max_points: int = 20000
-    correction_gain: float = 0.5
-    max_correction_deg: float = 5.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` on out-of-range settings."""
