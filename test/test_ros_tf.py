@@ -66,18 +66,14 @@ def _run(spinning_executor, hololens_dir, tmp_path, pose_source: str, name: str)
         resp = call_service(client, FindObject, "/find_object", FindObject.Request(query="red backpack"))
         assert resp.success and resp.objects, resp.message
         if pose_source == "tf":
-            # a frame whose optical frame tf does not know: counted with tf's reason, the node keeps mapping
-            from std_msgs.msg import Header
-
-            from langgs_ros.ros.conversions import sec_to_stamp
-            from langgs_ros.ros.replay import _image
-
+            # a frame whose optical frame tf does not know (its camera_info, depth, labels and colour all
+            # present): counted with tf's reason, the node keeps mapping
             t = replay.stamp_of(FRAMES[-1]) + 0.5
-            f = replay.seq.frame(FRAMES[-1])
-            header = Header(stamp=sec_to_stamp(t), frame_id="unknown_optical_frame")
-            replay.pub_depth.publish(_image(np.round(f.depth * 1000).astype(np.uint16), "16UC1", header))
-            replay.pub_labels.publish(_image(f.labels.astype(np.uint16), "16UC1", header))
-            replay.pub_image.publish(_image(f.rgb, "rgb8", header))
+            for topic, msg in replay.frame_messages(FRAMES[-1], t):
+                if topic in ("odom", "tf"):
+                    continue
+                msg.header.frame_id = "unknown_optical_frame"
+                replay.publish(topic, msg)
             import time
 
             deadline = time.monotonic() + 60
@@ -115,3 +111,35 @@ def test_tf_poses_equal_odometry_poses_moved_by_map_from_odom(spinning_executor,
     assert np.linalg.norm(_xyz(tf.approach_pose.pose.position) - moved_goal) < 0.10
     # the answer really moved (the transform is not the identity)
     assert np.linalg.norm(_xyz(tf.pose.pose.position) - _xyz(odo.pose.pose.position)) > 1.0
+
+
+def test_tf_lookup_at_the_published_stamp_despite_float_seconds(ros_context) -> None:
+    """A transform published at an image's own stamp is found for that image although the stamp travels as float
+    seconds (~0.2 µs resolution at 1.8e9 s: rounded back it can land after the transform; tf2 would refuse)."""
+    from geometry_msgs.msg import TransformStamped
+    from rclpy.node import Node
+
+    from langgs_ros.ros.conversions import stamp_to_sec
+    from langgs_ros.ros.pose_sources import TfPoseSource
+
+    node = Node("tf_float_stamps", context=ros_context)
+    try:
+        source = TfPoseSource(node, "map")
+        late = 0
+        for i in range(200):  # stamps of a 30 Hz camera ~57 years after the epoch
+            msg = TransformStamped()
+            msg.header.stamp.sec, msg.header.stamp.nanosec = 1_796_303_166 + i, 916_552_123 + 333 * i
+            msg.header.frame_id, msg.child_frame_id = "map", f"cam{i}"
+            msg.transform.translation.x = float(i)
+            msg.transform.rotation.w = 1.0
+            source.buffer.set_transform(msg, "test")
+            t = stamp_to_sec(msg.header.stamp)
+            late += round(t * 1e9) > msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            look = source.pose_at(t, f"cam{i}")
+            assert look.status == "ready", look.reason
+            assert look.world_from_camera[0, 3] == pytest.approx(i)
+            # a stamp really after the transform still waits for a later one
+            assert source.pose_at(t + 0.01, f"cam{i}").status == "wait"
+        assert late > 0  # the rounding this guards against does happen on these stamps
+    finally:
+        node.destroy_node()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from langgs_ros.ros.frame_sync import PoseLookup
+from langgs_ros.ros.frame_sync import EXACT_STAMP, PoseLookup
 
 
 def transform_to_matrix(transform: Any) -> np.ndarray:
@@ -69,7 +69,11 @@ class TfPoseSource:
             return PoseLookup("ready", self.lookup(self.target_frame, camera_frame, stamp), self.target_frame)
         except tf2_ros.ExtrapolationException as exc:
             reason = f"tf: {exc}"
-            if "future" in reason and not timed_out:  # the transform for this stamp is still to come
+            latest_stamp, latest = self._latest(camera_frame)
+            if latest is not None and abs(latest_stamp - stamp) <= EXACT_STAMP:
+                return PoseLookup("ready", latest, self.target_frame)
+            future = stamp > latest_stamp if latest is not None else "future" in reason
+            if future and not timed_out:  # the transform for this stamp is still to come
                 return PoseLookup("wait", None, reason=reason)
         except tf2_ros.TransformException as exc:  # unknown or unconnected frames: they may still appear
             reason = f"tf: {type(exc).__name__}: {exc}"
@@ -77,6 +81,23 @@ class TfPoseSource:
                 return PoseLookup("wait", None, reason=reason)
         self._fail(reason)
         return PoseLookup("failed", None, reason=reason)
+
+    def _latest(self, camera_frame: str) -> tuple[float, np.ndarray | None]:
+        """Stamp (s) and matrix of the newest ``map_frame <- camera_frame`` tf2 can give, or (nan, None).
+
+        Stamps reach :meth:`pose_at` as float seconds, which keep only ~0.2 µs at 1.7e9 s: an image stamp rounded
+        back to nanoseconds can lie a few hundred ns after the transform published for that very stamp, and tf2
+        refuses to extrapolate even that far. Comparing with the newest transform up to :data:`EXACT_STAMP`
+        keeps the last frame before a pause from waiting for a later transform that never comes."""
+        import tf2_ros
+        from rclpy.time import Time
+
+        try:
+            tf = self.buffer.lookup_transform(self.target_frame, camera_frame, Time())
+        except tf2_ros.TransformException:
+            return float("nan"), None
+        t = tf.header.stamp
+        return t.sec + 1e-9 * t.nanosec, transform_to_matrix(tf.transform)
 
     def on_time_jump(self, stamp: float) -> None:
         """Stamps jumped back: forget the dynamic transforms of the old time line (``/tf_static`` is kept)."""

@@ -98,7 +98,8 @@ class FolderReplay(Node):
     def wait_for_subscribers(self, timeout: float = 30.0) -> bool:
         """Wait until every topic this sequence will publish has a subscriber (so no first frame is lost).
 
-        Returns False after ``timeout`` seconds.
+        With ``publish_tf`` the poses count as delivered once ``/tf`` or the odometry topic has a subscriber (a
+        node posed by tf does not subscribe to odometry). Returns False after ``timeout`` seconds.
         """
         pubs = [self.pub_image]
         if self.seq.intrinsics is not None:
@@ -107,10 +108,12 @@ class FolderReplay(Node):
             pubs.append(self.pub_depth)
         if any(p is not None for p in self.seq.label_paths):
             pubs.append(self.pub_labels)
-        if self.seq.poses is not None:
-            pubs.append(self.pub_odom)
+        pose_pubs = [self.pub_odom] if self.seq.poses is not None else []
+        if pose_pubs and self.tf_broadcaster is not None:
+            pose_pubs.append(self.tf_broadcaster.pub_tf)
         deadline = time.monotonic() + timeout
-        while any(p.get_subscription_count() == 0 for p in pubs):
+        while any(p.get_subscription_count() == 0 for p in pubs) or (
+                pose_pubs and all(p.get_subscription_count() == 0 for p in pose_pubs)):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
