@@ -332,6 +332,9 @@ def test_feedforward_backend_tiny_preset_end_to_end(client, replay, hololens_dir
         replay.run(rate=5.0, indices=BACKPACK_FRAMES[:8])
         values = client.diag.wait_idle(min_windows=1)
         assert int(values["map_gaussians"]) > 0 and int(values["map_instances"]) > 0
+        # unposed: registration against the keyframe memory and the scale are on /diagnostics
+        assert int(values["registration.windows_registered"]) >= 1, values
+        assert values["registration.scale_is_metric"] == "0" and values["registration.scale_source"] == "none"
         resp = find(client, "red backpack")
         assert resp.success and resp.objects
         assert resp.objects[0].label == "red backpack"

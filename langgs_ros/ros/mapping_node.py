@@ -418,7 +418,7 @@ class MappingNode(LifecycleNode):
 
     def _pipeline_config(self, p: dict[str, Any]):
         from langgs_ros.frames import KeyframeConfig, WindowConfig
-        from langgs_ros.pipeline import PipelineConfig
+        from langgs_ros.pipeline import PipelineConfig, UnposedConfig
 
         cfg = PipelineConfig(device=resolve_device(p["device"]), backend=self.backend,
                              semantic_source=self.semantic_source)
@@ -441,6 +441,9 @@ class MappingNode(LifecycleNode):
             }
             if p["feedforward.weights"]:
                 cfg.backend_args["weights"] = p["feedforward.weights"]
+            cfg.unposed = UnposedConfig(camera_height=float(p["unposed.camera_height"]) or None,
+                                        anchors=int(p["unposed.anchors"]),
+                                        max_relocalisations=int(p["unposed.max_relocalisations"]))
         if self.semantic_source == "labels":
             cfg.semantic_args = {"label_names": self.label_names or None}
         else:
@@ -634,6 +637,9 @@ class MappingNode(LifecycleNode):
                 "worker_time_jumps": w.time_jumps, "worker_faults": w.faults, "worker_busy": int(w.busy),
                 "pending_keyframes": w.buffer.num_pending,
             })
+            if self.pipeline is not None:  # registration / scale of the map (unposed: anchors, relocalisations)
+                values.update({f"registration.{k}": (int(v) if isinstance(v, float) else v)
+                               for k, v in self.pipeline.registration_stats().items()})
             st = w.last_stats
             if st is not None:
                 values.update({"t_reconstruct_s": round(st.t_reconstruct, 4),

@@ -142,6 +142,13 @@ PARAMETERS: dict[str, ParamSpec] = {
                                          choices=("replace", "check", "ignore")),
     "feedforward.allow_random_weights": ParamSpec(False, "Run a preset without weights (random init; tests/"
                                                          "plumbing only)."),
+    "unposed.camera_height": ParamSpec(0.0, "m: declared camera height above the floor, the scale prior of unposed "
+                                            "maps (pose_source none); 0 = none, the map keeps the network's units.",
+                                       range=(0.0, 100.0)),
+    "unposed.anchors": ParamSpec(2, "Map keyframes reconstructed with every unposed window to register it "
+                                    "against the map (0 = chain through the window overlap only).", range=(0, 16)),
+    "unposed.max_relocalisations": ParamSpec(2, "Further anchor sets tried when a window's anchors fail (each "
+                                                "costs a network call).", range=(0, 16)),
 }
 
 
