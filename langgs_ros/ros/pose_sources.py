@@ -54,10 +54,17 @@ class TfPoseSource:
         Raises:
             tf2_ros.TransformException: (LookupException, ConnectivityException, ExtrapolationException) as tf2.
         """
+        return self._lookup_stamped(target, source, stamp)[1]
+
+    def _lookup_stamped(self, target: str, source: str, stamp: float | None) -> tuple[float, np.ndarray]:
+        """(stamp of the transform tf2 gave, s; ``target_from_source`` (4, 4)); raises as :meth:`lookup`."""
         from rclpy.time import Time
 
+        from langgs_ros.ros.conversions import stamp_to_sec
+
         t = Time() if stamp is None else Time(nanoseconds=round(stamp * 1e9))
-        return transform_to_matrix(self.buffer.lookup_transform(target, source, t).transform)
+        tf = self.buffer.lookup_transform(target, source, t)
+        return stamp_to_sec(tf.header.stamp), transform_to_matrix(tf.transform)
 
     def pose_at(self, stamp: float, camera_frame: str, timed_out: bool = False) -> PoseLookup:
         """``map_frame <- camera_frame`` at ``stamp``: ready, wait (not yet in tf: later data can still complete
@@ -90,14 +97,11 @@ class TfPoseSource:
         refuses to extrapolate even that far. Comparing with the newest transform up to :data:`EXACT_STAMP`
         keeps the last frame before a pause from waiting for a later transform that never comes."""
         import tf2_ros
-        from rclpy.time import Time
 
         try:
-            tf = self.buffer.lookup_transform(self.target_frame, camera_frame, Time())
+            return self._lookup_stamped(self.target_frame, camera_frame, None)
         except tf2_ros.TransformException:
             return float("nan"), None
-        t = tf.header.stamp
-        return t.sec + 1e-9 * t.nanosec, transform_to_matrix(tf.transform)
 
     def on_time_jump(self, stamp: float) -> None:
         """Stamps jumped back: forget the dynamic transforms of the old time line (``/tf_static`` is kept)."""
