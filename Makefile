@@ -5,6 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?=
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup test lint demo bench colcon clean
@@ -22,9 +23,10 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Replays an RGB-D folder into the real mapping node over loopback DDS and answers language queries.
-# DATA=<folder> (hololens or TUM layout); default ../shared/data/hololens_office when present.
+# DATA=<folder> (hololens or TUM layout); default ../shared/data/hololens_office when present, else the TUM
+# fr1_desk sample is downloaded. DEMO_ARGS: more options of scripts/demo.py (e.g. "--device cpu --part2 no").
 demo: setup
-	@bash scripts/demo.sh "$(DATA)"
+	@bash scripts/demo.sh "$(DATA)" $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -1,6 +1,7 @@
 """``langgs``: build, query, render and inspect semantic Gaussian maps from the command line (no ROS needed).
 
     langgs map --rgbd DIR --out MAP.ply [--semantic labels|clip_sam] [--backend rgbd|feedforward] [--window N]
+               [--report DIR [--query TEXT ...]]
     langgs query MAP.ply "TEXT" ["TEXT" ...] [--queries-file FILE] [--top-k K] [--json]
     langgs eval MAP.ply --objects objects.json [--queries FILE] [--margin 0.10]
     langgs render MAP.ply (--pose 16 numbers | --pose-file FILE --index I) --intrinsics FX FY CX CY
@@ -115,7 +116,34 @@ def cmd_map(args: argparse.Namespace) -> int:
     save_map(snap, args.out)
     print(f"[langgs] {windows} windows ({failed} skipped), {len(snap.gaussians)} Gaussians, "
           f"{len(snap.instances)} instances -> {args.out}", file=sys.stderr)
+    if args.report:
+        write_report(snap, seq, indices, args.report, args.query or [], args.device)
     return 0
+
+
+def write_report(snap, seq, indices: list[int], out_dir: str, queries: list[str], device: str = "cpu") -> dict:
+    """``langgs map --report DIR``: the top-down plan (with the answers of ``queries``) and the view rendered from
+    the last used camera, in the dataset's world frame; prints the paths. Returns ``{"top_down", "view"}`` paths."""
+    import cv2
+
+    from langgs_ros.query import QueryEngine, to_json_dict
+    from langgs_ros.report import write_map_report
+
+    answers = []
+    if queries:
+        engine = QueryEngine(text_encoder_for(snap.encoder_id, device))
+        answers = [to_json_dict(engine.query(snap, q, top_k=1), q) for q in queries]
+    cams = last = None
+    if seq.poses is not None:
+        cams = seq.poses[indices][:, :3, 3]
+        if seq.intrinsics is not None:
+            h, w = cv2.imread(str(seq.rgb_paths[indices[-1]]), cv2.IMREAD_UNCHANGED).shape[:2]
+            last = (seq.poses[indices[-1]], seq.intrinsics, w, h)
+    paths = write_map_report(snap, out_dir, camera_path=cams, answers=answers, last_camera=last,
+                             title=f"{seq.root.name}: {len(snap.gaussians)} Gaussians, {len(snap.instances)} instances")
+    for kind, path in paths.items():
+        print(f"[langgs] report {kind}: {path}", file=sys.stderr)
+    return paths
 
 
 def text_encoder_for(encoder_id: str, device: str = "cpu"):
@@ -283,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--voxel-size", type=float, default=0.0, help="m; base voxel size (0 = default)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--report", metavar="DIR", help="also write top_down.png and last_view.png (pictures of the map)")
+    m.add_argument("--query", action="append", help="with --report: a query whose top answer is drawn (repeatable)")
     m.set_defaults(func=cmd_map)
 
     q = sub.add_parser("query", help="find objects by text (several queries: one process, one JSON line each)")

@@ -14,7 +14,11 @@ a random ``ROS_DOMAIN_ID``) before ``rclpy.init()``.
 
 With annotations, every query is checked against the ground-truth box (grown 10 cm) expressed in the replay's
 z-up ``odom`` frame, and the accuracy is printed last. Without a DATA folder and without the shared data (a
-user's machine), the TUM RGB-D ``fr1_desk`` sample is downloaded (see :func:`fetch_sample`).
+user's machine), the TUM RGB-D ``fr1_desk`` sample and the CLIP + SAM weights are downloaded (with progress, cached;
+:mod:`langgs_ros.download`, :func:`langgs_ros.weights_cli.ensure_weights`); a failed download prints one paragraph
+(what failed, how to get it by hand, how to use a local folder) and exits with status 2. After each part the map is
+saved through ``~/save_map`` and drawn (:mod:`langgs_ros.report`): ``build/demo/<backend>/top_down.png`` and
+``last_view.png``.
 """
 
 from __future__ import annotations
@@ -28,41 +32,89 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from langgs_ros.datasets import DatasetError  # noqa: E402
+from langgs_ros.download import DownloadError, fetch_tum_sample  # noqa: E402
 from langgs_ros.ros.dds_env import configure_loopback_dds  # noqa: E402
 from langgs_ros.ros.params_file import CONFIG_DIR, write_params_file  # noqa: E402
 
-TUM_URL = "https://cvg.cit.tum.de/rgbd/dataset/freiburg1/rgbd_dataset_freiburg1_desk.tgz"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "hololens_office"
+
+# Lighter clip_sam settings on the CPU (README, "make demo"): every 40th frame of the sequence is replayed and each
+# one is a keyframe (fr1_desk: 15 keyframes, about 1.3 s / 0.55 m apart), windows without overlap (the rgbd backend
+# has poses, overlap would segment those frames twice), and SAM prompted with an 8x8 point grid instead of 16x16.
+CPU_CLIP_SAM_FRAMES = "::40"
+CPU_CLIP_SAM_PARAMS = {
+    "semantic.points_per_side": 8, "keyframe.min_translation": 0.0, "keyframe.min_rotation": 0.0,
+    "keyframe.min_image_change": 0.0, "window.overlap": 0,
+}
 
 
-def fetch_sample(dest: Path) -> Path:
-    """Download and unpack TUM RGB-D fr1_desk (about 330 MB) into ``dest``; returns the sequence folder.
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; anything else is returned unchanged."""
+    if device != "auto":
+        return device
+    import torch
 
-    Raises:
-        RuntimeError: the download failed (no network, proxy, ...) with a message saying what to do instead.
-    """
-    folder = dest / "rgbd_dataset_freiburg1_desk"
-    if (folder / "rgb.txt").is_file():
-        return folder
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / "fr1_desk.tgz"
-    print(f"[demo] downloading {TUM_URL} ...", flush=True)
-    try:
-        urllib.request.urlretrieve(TUM_URL, archive)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-    except Exception as exc:
-        raise RuntimeError(f"could not download the TUM sample ({exc}); run `make demo DATA=<rgbd folder>` "
-                           "with a local hololens- or TUM-layout folder instead") from exc
-    return folder
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_service(node, suffix: str, timeout: float = 10.0) -> str | None:
+    """Full name of the first service whose name ends with ``/<suffix>`` (e.g. the node's ``~/save_map``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, _ in node.get_service_names_and_types():
+            if name.endswith("/" + suffix):
+                return name
+        time.sleep(0.2)
+    return None
+
+
+def write_demo_report(node, seq, indices: list[int], answers: list[dict], out_dir: Path, label: str) -> None:
+    """Save the node's map through ``~/save_map`` into ``out_dir`` and draw it (top-down plan + last camera view,
+    in the node's z-up map frame = the replay's ``odom``); prints the paths. Problems are printed, not raised."""
+    import cv2
+    import numpy as np
+
+    from langgs_ros.persistence import load_map
+    from langgs_ros.report import write_map_report
+    from langgs_ros.ros.replay import gravity_alignment
+    from langgs_ros.srv import SaveMap
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = find_service(node, "save_map")
+    if name is None:
+        print("[demo] pictures: skipped, the node offers no save_map service", flush=True)
+        return
+    client = node.create_client(SaveMap, name)
+    client.wait_for_service(timeout_sec=10)
+    future = client.call_async(SaveMap.Request(path=str(out_dir / "map.ply")))
+    deadline = time.monotonic() + 300
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resp = future.result() if future.done() else None
+    if resp is None or not resp.success:
+        print(f"[demo] pictures: skipped, save_map failed ({resp.message if resp else 'timeout'})", flush=True)
+        return
+    snap = load_map(out_dir / "map.ply")
+    cams = last = None
+    if seq.poses is not None:
+        map_from_camera = gravity_alignment(seq.up)[None] @ seq.poses[indices]
+        cams = map_from_camera[:, :3, 3]
+        if seq.intrinsics is not None:
+            h, w = cv2.imread(str(seq.rgb_paths[indices[-1]]), cv2.IMREAD_UNCHANGED).shape[:2]
+            last = (map_from_camera[-1], np.asarray(seq.intrinsics), w, h)
+    paths = write_map_report(snap, out_dir, camera_path=cams, answers=answers, last_camera=last,
+                             title=f"{label}: {seq.root.name}, {len(snap.gaussians)} Gaussians, "
+                                   f"{len(snap.instances)} instances")
+    print(f"[demo] pictures: top-down map {paths['top_down']}"
+          + (f", view from the last camera {paths['view']}" if "view" in paths else ""), flush=True)
 
 
 def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int, int]:
@@ -107,6 +159,7 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
     spin.start()
     ok = 0
     total = 0
+    answers: list[dict] = []
     try:
         client = client_node.create_client(FindObject, "/find_object")
         if not client.wait_for_service(timeout_sec=120):
@@ -176,9 +229,11 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
                 ok += hit
                 line["inside_ground_truth_box"] = hit
             print(json.dumps(line), flush=True)
+            answers.append(line)
         if total:
             print(f"[demo] top-1 inside the ground-truth box (+10 cm): {ok}/{total} = {100.0 * ok / total:.1f} %",
                   flush=True)
+        write_demo_report(client_node, seq, indices, answers, Path(args.report_dir) / backend, label)
     finally:
         executor.shutdown()
         spin.join(timeout=10)
@@ -218,20 +273,41 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: status 0 after the demo ran, 2 when data or weights could not be had (one paragraph, no
+    traceback)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", nargs="?", default="", help="RGB-D folder (hololens or TUM layout)")
     ap.add_argument("--rate", type=float, default=4.0, help="replay frames per second")
     ap.add_argument("--frames", default="", help="python slice start:stop:step of frames to replay")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     ap.add_argument("--timeout", type=float, default=900.0, help="s to wait for the node to finish mapping")
     ap.add_argument("--vggt-weights", default="facebook/VGGT-1B-Commercial",
                     help="VGGT checkpoint path or Hugging Face repo id for the feedforward part")
+    ap.add_argument("--part2", choices=("auto", "yes", "no"), default="auto",
+                    help="feed-forward part: auto = with CUDA (downloading the weights) or when they are cached")
+    ap.add_argument("--shared-dir", default=str(SHARED_DATA), help="data used when no folder is given, if present")
+    ap.add_argument("--report-dir", default=str(ROOT / "build" / "demo"), help="where the pictures are written")
     args = ap.parse_args(argv)
+    try:
+        return run_demo(args)
+    except (DownloadError, DatasetError) as exc:
+        print(f"[demo] {exc}", file=sys.stderr, flush=True)
+        return 2
 
-    data = Path(args.data) if args.data else ROOT.parent / "shared" / "data" / "hololens_office"
-    if not args.data and not data.is_dir():
-        data = fetch_sample(ROOT / "build" / "demo_data")
-    configure_loopback_dds(random.randint(1, 100))
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo (see the module docstring).
+
+    Raises:
+        DownloadError: the sample or the weights could not be downloaded. DatasetError: unreadable folder.
+    """
+    if args.data:
+        data = Path(args.data)
+    elif Path(args.shared_dir).is_dir():
+        data = Path(args.shared_dir)
+    else:
+        data = fetch_tum_sample()
+    device = resolve_device(args.device)
 
     from langgs_ros.datasets import open_sequence
 
@@ -241,23 +317,50 @@ def main(argv: list[str] | None = None) -> int:
     annotated = bool(seq.objects) and any(p is not None for p in seq.label_paths)
     semantic = "labels" if annotated else "clip_sam"
     params = {
-        "backend": "rgbd", "semantic_source": semantic, "pose_source": "odometry", "device": args.device,
+        "backend": "rgbd", "semantic_source": semantic, "pose_source": "odometry", "device": device,
         "window_period": 2.0, "queue.max_frames": 500, "queue.max_windows": 100, "publish.gaussians_period": 1.0,
     }
     if annotated:
         params["label_names_file"] = str(seq.root / "annotations" / "objects.json")
+    else:
+        from langgs_ros.weights_cli import ensure_weights
+
+        print("[demo] clip_sam needs the CLIP and SAM weights (downloaded once, then taken from the cache)", flush=True)
+        for line in ensure_weights(["clip", "sam"]):
+            print(f"[demo] {line}", flush=True)
+        if device == "cpu":
+            params.update(CPU_CLIP_SAM_PARAMS)
+            args.frames = args.frames or CPU_CLIP_SAM_FRAMES
+            print(f"[demo] CPU: lighter clip_sam settings (frames {args.frames}, {CPU_CLIP_SAM_PARAMS})", flush=True)
+    print(f"[demo] device: {device}", flush=True)
+    configure_loopback_dds(random.randint(1, 100))
     run_session(seq, "rgbd", params, args, "part 1/2, posed RGB-D")
 
     # Part 2: the feed-forward unposed reconstructor (VGGT) on the colour images only, with odometry giving
-    # metric scale and gravity. It needs the released weights, which load from the local cache only.
+    # metric scale and gravity. Its weights come from the local cache, or are downloaded with CUDA / --part2 yes.
     from langgs_ros.models.vggt.weights import WeightsNotFoundError, resolve_checkpoint
+    from langgs_ros.weights_cli import fetch_vggt
 
+    label = "part 2/2, feedforward (VGGT) backend"
+    if args.part2 == "no":
+        print(f"[demo] {label}: skipped (--part2 no)", flush=True)
+        return 0
     try:
         ckpt = resolve_checkpoint(args.vggt_weights, local_files_only=True)
-    except WeightsNotFoundError as exc:
-        print(f"[demo] part 2/2, feedforward (VGGT) backend: skipped, weights not found here ({exc})", flush=True)
-        return 0
+    except WeightsNotFoundError:
+        if args.part2 == "auto" and not device.startswith("cuda"):
+            print(f"[demo] {label}: skipped on the CPU (VGGT-1B: about 5 GB of weights and minutes per window "
+                  "without a GPU); `make demo DEMO_ARGS=\"--part2 yes\"` fetches and runs it anyway", flush=True)
+            return 0
+        try:
+            print(f"[demo] {fetch_vggt(args.vggt_weights, check=False)}", flush=True)
+            ckpt = resolve_checkpoint(args.vggt_weights, local_files_only=True)
+        except (DownloadError, WeightsNotFoundError) as exc:
+            what = exc.reason + ". " + exc.manual if isinstance(exc, DownloadError) else str(exc)
+            print(f"[demo] {label}: skipped, no weights: {what}", flush=True)
+            return 0
     ff = dict(params, backend="feedforward", **{"feedforward.weights": str(ckpt)})
+    ff.pop("window.overlap", None)  # the feed-forward windows are aligned on their overlap frames
     run_session(seq, "feedforward", ff, args, "part 2/2, feed-forward unposed (VGGT)")
     return 0
 

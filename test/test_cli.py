@@ -23,10 +23,20 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def small_map(tmp_path_factory, hololens_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("cli") / "office.ply"
-    proc = run("map", "--rgbd", str(hololens_dir), "--out", str(out), "--frames", "4:16", "--quiet")
+    proc = run("map", "--rgbd", str(hololens_dir), "--out", str(out), "--frames", "4:16", "--quiet",
+               "--report", str(out.parent / "report"), "--query", "red backpack")
     assert proc.returncode == 0, proc.stderr
     assert "hololens layout" in proc.stderr and "Gaussians" in proc.stderr
     return out
+
+
+def test_map_report_pictures(small_map: Path) -> None:
+    """``langgs map --report``: the plan and the view from the last camera are written and their paths printed."""
+    report = small_map.parent / "report"
+    plan = cv2.imread(str(report / "top_down.png"))
+    assert plan is not None and plan.shape[0] > 500 and plan.std() > 10
+    view = cv2.imread(str(report / "last_view.png"))
+    assert view is not None and view.shape == (360, 540, 3) and view.std() > 10  # hololens frames are 540x360
 
 
 def test_query_json_format(small_map: Path, hololens_dir: Path) -> None:
