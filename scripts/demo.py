@@ -65,6 +65,18 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def settle_seconds(diag: dict[str, str]) -> float:
+    """Seconds the node's queues must stay empty and its map unchanged before the map counts as finished.
+
+    ``/diagnostics`` does not count the window the worker is processing, so "queues empty" alone can be seen
+    while the last window is still running (minutes with clip_sam on a CPU): wait longer than ``window_period``
+    plus 1.5x the duration of the last processed window (its stage times), at least 4 s.
+    """
+    window_s = sum(float(diag.get(k, 0.0) or 0.0) for k in ("t_reconstruct_s", "t_semantics_s", "t_gaussians_s",
+                                                              "t_fuse_s"))
+    return max(4.0, 2.0 + 1.5 * window_s)
+
+
 def find_service(node, suffix: str, timeout: float = 10.0) -> str | None:
     """Full name of the first service whose name ends with ``/<suffix>`` (e.g. the node's ``~/save_map``)."""
     deadline = time.monotonic() + timeout
@@ -180,10 +192,11 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
             state = (diag.get("queued_frames"), diag.get("queued_windows"), diag.get("processed_windows"),
                      diag.get("map_version"))
             idle = (diag.get("queued_frames") == "0" and diag.get("queued_windows") == "0"
-                    and diag.get("pending_keyframes") == "0")
+                    and diag.get("pending_keyframes") == "0"
+                    and int(diag.get("processed_windows", 0)) + int(diag.get("failed_windows", 0)) > 0)
             stable = stable + 1 if (idle and state == last) else 0
             last = state
-            if stable >= 4:  # idle and unchanged for 4 s (longer than window_period)
+            if stable >= settle_seconds(diag):
                 break
         print(f"[demo] map: {diag.get('map_gaussians')} Gaussians, {diag.get('map_instances')} instances, "
               f"{diag.get('processed_windows')} windows, dropped windows {diag.get('dropped_windows')}", flush=True)
@@ -287,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="feed-forward part: auto = with CUDA (downloading the weights) or when they are cached")
     ap.add_argument("--shared-dir", default=str(SHARED_DATA), help="data used when no folder is given, if present")
     ap.add_argument("--report-dir", default=str(ROOT / "build" / "demo"), help="where the pictures are written")
+    ap.add_argument("--semantic-preset", choices=("full", "tiny"), default="full",
+                    help="clip_sam models: full (real weights) or tiny (random init, plumbing tests only)")
     args = ap.parse_args(argv)
     try:
         return run_demo(args)
@@ -322,16 +337,20 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     if annotated:
         params["label_names_file"] = str(seq.root / "annotations" / "objects.json")
+    elif args.semantic_preset == "tiny":
+        params["semantic.preset"] = "tiny"
+        print("[demo] clip_sam with the tiny random-init models: tests the plumbing, the answers mean nothing",
+              flush=True)
     else:
         from langgs_ros.weights_cli import ensure_weights
 
         print("[demo] clip_sam needs the CLIP and SAM weights (downloaded once, then taken from the cache)", flush=True)
         for line in ensure_weights(["clip", "sam"]):
             print(f"[demo] {line}", flush=True)
-        if device == "cpu":
-            params.update(CPU_CLIP_SAM_PARAMS)
-            args.frames = args.frames or CPU_CLIP_SAM_FRAMES
-            print(f"[demo] CPU: lighter clip_sam settings (frames {args.frames}, {CPU_CLIP_SAM_PARAMS})", flush=True)
+    if not annotated and device == "cpu":
+        params.update(CPU_CLIP_SAM_PARAMS)
+        args.frames = args.frames or CPU_CLIP_SAM_FRAMES
+        print(f"[demo] CPU: lighter clip_sam settings (frames {args.frames}, {CPU_CLIP_SAM_PARAMS})", flush=True)
     print(f"[demo] device: {device}", flush=True)
     configure_loopback_dds(random.randint(1, 100))
     run_session(seq, "rgbd", params, args, "part 1/2, posed RGB-D")

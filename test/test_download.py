@@ -37,6 +37,7 @@ def make_tum_archive(folder: Path, n: int = 4, name: str = TUM_SAMPLE) -> Path:
     (seq / "rgb.txt").write_text("\n".join(rgb_lines) + "\n")
     (seq / "depth.txt").write_text("\n".join(depth_lines) + "\n")
     (seq / "groundtruth.txt").write_text("\n".join(gt_lines) + "\n")
+    (seq / "K.txt").write_text("60 0 31.5\n0 60 23.5\n0 0 1\n")  # intrinsics of these 64x48 frames
     archive = folder / f"{name}.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(seq, arcname=name)
