@@ -106,7 +106,7 @@ def write_demo_report(node, seq, indices: list[int], answers: list[dict], out_di
         return
     client = node.create_client(SaveMap, name)
     client.wait_for_service(timeout_sec=10)
-    future = client.call_async(SaveMap.Request(path=str(out_dir / "map.ply")))
+    future = client.call_async(SaveMap.Request(path="map.ply"))  # relative to the node's map_dir = out_dir
     deadline = time.monotonic() + 300
     while not future.done() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -144,6 +144,9 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
     log_path = ROOT / "build" / f"demo_node_{backend}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # config/mapping_labels.yaml for annotated data, the robot default otherwise, with this session's settings
+    report_dir = Path(args.report_dir) / backend
+    report_dir.mkdir(parents=True, exist_ok=True)
+    params = {**params, "map_dir": str(report_dir)}  # ~/save_map names are relative to map_dir
     params_path = write_params_file(ROOT / "build" / f"demo_params_{backend}.yaml", params,
                                     base=CONFIG_DIR / ("mapping_labels.yaml" if annotated else "mapping.yaml"))
     cmd = node_command(params_path)
@@ -246,7 +249,7 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
         if total:
             print(f"[demo] top-1 inside the ground-truth box (+10 cm): {ok}/{total} = {100.0 * ok / total:.1f} %",
                   flush=True)
-        write_demo_report(client_node, seq, indices, answers, Path(args.report_dir) / backend, label)
+        write_demo_report(client_node, seq, indices, answers, report_dir, label)
     finally:
         executor.shutdown()
         spin.join(timeout=10)
