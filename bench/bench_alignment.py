@@ -63,6 +63,8 @@ def run(frames: list, posed: bool, size: int, overlap: int, seed: int) -> tuple[
         t0 = time.perf_counter()
         out = aligner.align(fs, sim.transform_pose(gt), depth, Ks, conf)
         times.append(time.perf_counter() - t0)
+        if out.map_correction is not None:  # the unposed map was re-levelled: earlier cameras move with it
+            first = {k: out.map_correction.apply(p[None])[0] for k, p in first.items()}
         for f, T in zip(fs, out.world_from_camera):
             first.setdefault(f.frame_id, T[:3, 3])
     P = np.stack([first[f.frame_id] for f in frames])

@@ -58,6 +58,7 @@ Semantics are stored per instance (FLEG's instance-level embeddings), not per Ga
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -66,13 +67,13 @@ import numpy as np
 import torch
 
 from langgs_ros.gaussian_store import GaussianStore
-from langgs_ros.geometry import normalize_up, quat_to_rotmat
+from langgs_ros.geometry import normalize_up, quat_to_rotmat, yaw_frame
 from langgs_ros.instance_table import MapInstances
 from langgs_ros.map_config import FusionConfig, IntegrationStats
 from langgs_ros.sparsify import SparsifyConfig, sparsify_with_keys
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians, MapSnapshot
 
-__all__ = ["FusionConfig", "IntegrationStats", "SemanticGaussianMap", "estimate_floor_height"]
+__all__ = ["FusionConfig", "IntegrationStats", "SemanticGaussianMap", "estimate_floor_height", "transform_snapshot"]
 
 
 def estimate_floor_height(
@@ -125,6 +126,56 @@ def estimate_floor_height(
     return float(torch.quantile(h[: min(h.numel(), 1_000_000)].double(), 0.01))
 
 
+def _as_similarity(M: np.ndarray) -> np.ndarray:
+    """(4, 4) float64 copy of a similarity ``[[s R, t], [0, 1]]``; ``ValueError`` if it is not one."""
+    T = np.array(M, dtype=np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)) or not np.allclose(T[3], [0, 0, 0, 1]):
+        raise ValueError(f"expected a finite (4, 4) similarity [[s R, t], [0, 1]], got {np.asarray(M).shape}")
+    det = float(np.linalg.det(T[:3, :3]))
+    s = np.cbrt(det) if det > 0 else 0.0
+    if not s > 0 or not np.allclose((T[:3, :3] / s) @ (T[:3, :3] / s).T, np.eye(3), atol=1e-6):
+        raise ValueError("expected a similarity [[s R, t], [0, 1]] with R a rotation and s > 0")
+    return T
+
+
+def transform_snapshot(snapshot: MapSnapshot, new_from_old: np.ndarray) -> MapSnapshot:
+    """A map snapshot moved by a similarity transform (``new <- old``, e.g. a re-levelled unposed map).
+
+    Gaussians (:func:`~langgs_ros.gaussians.transform_gaussians`), camera positions, ``up`` (``R · up``),
+    instance centroids and boxes (sizes × s, yaw re-measured about the new ``up``) and the floor height
+    (``s · floor + up_new · t``) move with it; embeddings, names and counts stay.
+
+    Args:
+        snapshot: the map in ``old``.
+        new_from_old: (4, 4) float64 similarity ``[[s R, t], [0, 1]]`` (metres).
+
+    Raises:
+        ValueError: not a finite similarity.
+    """
+    from langgs_ros.gaussians import transform_gaussians
+
+    T = np.asarray(new_from_old, dtype=np.float64)
+    g = transform_gaussians(snapshot.gaussians, T)
+    s = float(np.linalg.det(T[:3, :3])) ** (1.0 / 3.0)
+    sR, t = T[:3, :3], T[:3, 3]
+    R = sR / s
+    up_old = normalize_up(snapshot.up)
+    up = normalize_up(R @ up_old)
+    cams = np.asarray(snapshot.camera_positions, dtype=np.float64).reshape(-1, 3) @ sR.T + t
+    inst = snapshot.instances
+    e1, e2 = yaw_frame(up_old)
+    yaws = np.asarray(inst.yaws, np.float64)
+    box_x = (np.cos(yaws)[:, None] * e1 + np.sin(yaws)[:, None] * e2) @ R.T
+    f1, f2 = yaw_frame(up)
+    new_yaws = np.arctan2(box_x @ f2, box_x @ f1)
+    new_yaws = (new_yaws + np.pi / 2) % np.pi - np.pi / 2  # boxes are symmetric: yaw in [-π/2, π/2)
+    inst = dataclasses.replace(inst, centers=np.asarray(inst.centers, np.float64).reshape(-1, 3) @ sR.T + t,
+                               sizes=np.asarray(inst.sizes, np.float64) * s, yaws=new_yaws)
+    floor = None if snapshot.floor_height is None else s * float(snapshot.floor_height) + float(up @ t)
+    return dataclasses.replace(snapshot, gaussians=g, instances=inst, camera_positions=cams, up=up,
+                               floor_height=floor)
+
+
 class SemanticGaussianMap:
     """A bounded 3D Gaussian map with instance-level language embeddings (see the module docstring).
 
@@ -169,8 +220,10 @@ class SemanticGaussianMap:
         with self._lock:
             self.store = GaussianStore(self.sparsify_config, self.config.refine_min_levels, self.device)
             self.instances = MapInstances(self.config, self.embedding_dim, self.device)
-            self._cameras = np.zeros((0, 3))
-            self._floor: float | None = None
+            self._cameras = np.zeros((0, 3))  # store frame
+            self._floor: float | None = None  # store frame, along _up_store
+            self._map_from_store = np.eye(4)  # similarity; identity unless a map correction was applied
+            self._up_store = self.up.copy()
             self._stamp = 0.0
             self._version = getattr(self, "_version", 0) + 1
             self._snapshot_cache: MapSnapshot | None = None
@@ -192,13 +245,49 @@ class SemanticGaussianMap:
 
     @property
     def floor_height(self) -> float | None:
-        """Current floor height estimate along ``up`` (m), ``None`` before any data."""
-        return self._floor
+        """Current floor height estimate along ``up`` (m, map frame), ``None`` before any data."""
+        if self._floor is None:
+            return None
+        M = self._map_from_store
+        return float(np.cbrt(np.linalg.det(M[:3, :3]))) * self._floor + float(self.up @ M[:3, 3])
 
     @property
     def camera_positions(self) -> np.ndarray:
         """(P, 3) float64 recorded camera centres (map frame)."""
-        return self._cameras.copy()
+        M = self._map_from_store
+        return self._cameras @ M[:3, :3].T + M[:3, 3]
+
+    @property
+    def map_from_store(self) -> np.ndarray:
+        """(4, 4) float64 similarity from the frame the Gaussians are stored in to the map frame (identity unless
+        :meth:`apply_correction` moved the map)."""
+        return self._map_from_store.copy()
+
+    def apply_correction(self, new_from_old: np.ndarray) -> None:
+        """Move the whole map by a similarity ``map_new <- map_old`` (e.g. an unposed map re-levelled and
+        re-scaled as more floor is seen; issue 9), without re-keying or merging anything.
+
+        The Gaussians stay where they are stored; the map keeps ``map_from_store`` and composes the correction
+        into it. Later :meth:`integrate` calls take their inputs in the new map frame (moved into the store
+        frame first), snapshots are given in the new map frame (:func:`transform_snapshot`), and boxes and the
+        floor are refitted about the map's ``up`` as seen in the store frame. Re-keying the moved Gaussians in a
+        new voxel grid instead merged neighbours that fell into one voxel: −28 % of the Gaussians of 8 hololens
+        frames per correction.
+
+        Args:
+            new_from_old: (4, 4) float64 similarity ``[[s R, t], [0, 1]]`` (R a rotation, s > 0; t in metres).
+
+        Raises:
+            ValueError: not a finite similarity (the map is unchanged).
+        """
+        M = _as_similarity(new_from_old)
+        with self._lock:
+            self._map_from_store = M @ self._map_from_store
+            s = float(np.cbrt(np.linalg.det(self._map_from_store[:3, :3])))
+            self._up_store = normalize_up((self._map_from_store[:3, :3] / s).T @ self.up)
+            self._update_instances_and_floor(set(self.instances.records))
+            self._version += 1
+            self._snapshot_cache = None
 
     def memory_bytes(self) -> dict[str, float]:
         """Memory accounting.
@@ -268,6 +357,14 @@ class SemanticGaussianMap:
                 raise ValueError(f"frame {i}: non-finite Gaussian means/scales/quats")
         stats = IntegrationStats(frames=S)
         with self._lock:
+            if not np.array_equal(self._map_from_store, np.eye(4)):  # inputs come in the map frame
+                from langgs_ros.gaussians import transform_gaussians
+
+                store_from_map = np.linalg.inv(self._map_from_store)
+                frame_gaussians = [transform_gaussians(g, store_from_map) for g in frame_gaussians]
+                T = T.clone()
+                T[:, :3, 3] = T[:, :3, 3] @ torch.as_tensor(store_from_map[:3, :3]).T + torch.as_tensor(
+                    store_from_map[:3, 3])
             touched: set[int] = set()
             for i in range(S):
                 self.store.frame_counter += 1
@@ -310,9 +407,10 @@ class SemanticGaussianMap:
 
     def _update_instances_and_floor(self, touched: set[int]) -> None:
         st = self.store
-        self.instances.update(st.instance_ids, st.means, st.opacities, self.up, touched)
-        self._floor = estimate_floor_height(st.means, st.quats, st.scales, st.weights, self.up,
-                                            self._cameras @ self.up if len(self._cameras) else None, self.config)
+        up = self._up_store
+        self.instances.update(st.instance_ids, st.means, st.opacities, up, touched)
+        self._floor = estimate_floor_height(st.means, st.quats, st.scales, st.weights, up,
+                                            self._cameras @ up if len(self._cameras) else None, self.config)
 
     def _record_camera(self, c: np.ndarray) -> None:
         if not np.all(np.isfinite(c)):
@@ -338,9 +436,11 @@ class SemanticGaussianMap:
                 return self._snapshot_cache
             g = self.store.gaussians("cpu")
             table = self.instances.table()
-            snap = MapSnapshot(gaussians=g, instances=table, encoder_id=self.encoder_id, up=self.up.copy(),
+            snap = MapSnapshot(gaussians=g, instances=table, encoder_id=self.encoder_id, up=self._up_store.copy(),
                                frame_id=self.frame_id, camera_positions=self._cameras.copy(),
                                floor_height=self._floor, stamp=self._stamp, version=self._version)
+            if not np.array_equal(self._map_from_store, np.eye(4)):
+                snap = dataclasses.replace(transform_snapshot(snap, self._map_from_store), up=self.up.copy())
             self._snapshot_cache = snap
             return snap
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langgs_ros.geometry import rotmat_to_quat
+from langgs_ros.geometry import quat_to_rotmat, rotmat_to_quat
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians, WindowReconstruction
 
-__all__ = ["GaussianInitConfig", "gaussians_from_depth", "gaussians_from_window"]
+__all__ = ["GaussianInitConfig", "gaussians_from_depth", "gaussians_from_window", "transform_gaussians"]
 
 
 @dataclass
@@ -343,3 +343,34 @@ def gaussians_from_window(
                                         confidence=rec.confidence[i], instance_ids=ids, config=config,
                                         device=dev))
     return out
+
+
+def transform_gaussians(g: Gaussians, new_from_old: np.ndarray) -> Gaussians:
+    """Gaussians moved by a similarity transform (e.g. a re-levelled unposed map: ``map_new <- map_old``).
+
+    Args:
+        g: N Gaussians in frame ``old`` (means (N, 3) float32 m, quats (N, 4) float32 wxyz world-from-Gaussian,
+            scales (N, 3) m, weights (N,) m² when set).
+        new_from_old: (4, 4) similarity ``[[s R, t], [0, 1]]`` (R orthonormal, det +1, s > 0; t in metres).
+
+    Returns:
+        N Gaussians in ``new``: means ``s R μ + t``, quats of ``R R_i`` (wxyz), scales × s, weights × s² (they are
+        areas), opacities, colours and instance ids unchanged (same dtype and device as ``g``).
+
+    Raises:
+        ValueError: ``new_from_old`` not a finite (4, 4) similarity.
+    """
+    T = np.asarray(new_from_old, dtype=np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        raise ValueError(f"new_from_old must be a finite (4, 4) matrix, got shape {T.shape}")
+    det = float(np.linalg.det(T[:3, :3]))
+    scale = det ** (1.0 / 3.0) if det > 0 else 0.0
+    R_np = T[:3, :3] / scale if scale > 0 else T[:3, :3]
+    if scale <= 0 or not np.allclose(R_np @ R_np.T, np.eye(3), atol=1e-6):
+        raise ValueError("new_from_old must be a similarity [[s R, t], [0, 1]] with R a rotation and s > 0")
+    R = torch.as_tensor(R_np, dtype=g.means.dtype, device=g.means.device)
+    t = torch.as_tensor(T[:3, 3], dtype=g.means.dtype, device=g.means.device)
+    means = scale * (g.means @ R.T) + t
+    quats = rotmat_to_quat(R[None] @ quat_to_rotmat(g.quats)) if len(g) else g.quats.clone()
+    return Gaussians(means, quats.to(g.quats.dtype), g.scales * scale, g.opacities.clone(), g.colors.clone(),
+                     g.instance_ids.clone(), None if g.weights is None else g.weights * (scale * scale))

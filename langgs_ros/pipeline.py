@@ -46,11 +46,15 @@ class UnposedConfig:
             (``unposed.anchors``; 0 = chain through the window overlap only).
         max_relocalisations: further anchor sets tried when a window's first anchors fail
             (``unposed.max_relocalisations``; each costs a network call).
+        relevel_every: re-estimate the map's floor, up and camera-height scale on all its keyframes every this
+            many windows, and at windows 2 and 4 (``unposed.relevel_every``; 0 = keep the first window's estimate).
+            A change moves the whole map (:meth:`SemanticGaussianMap.apply_correction`).
     """
 
     camera_height: float | None = None
     anchors: int = 2
     max_relocalisations: int = 2
+    relevel_every: int = 4
 
 
 @dataclass
@@ -133,6 +137,7 @@ class MappingPipeline:
         self.scale_is_metric = True
         self.scale_source = "unknown"
         self.skipped_fused_frames = 0
+        self.map_corrections = 0  # similarity corrections of the whole map (re-levelled unposed maps)
 
     def process_window(self, frames: Sequence[Frame]) -> WindowStats:
         """Reconstruct, lift, sparsify and fuse one window into the map.
@@ -149,6 +154,8 @@ class MappingPipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             rec = self.reconstructor.reconstruct(frames)
+            if rec.map_correction is not None:
+                self._move_map(rec.map_correction)
             self.scale_is_metric = bool(rec.scale_is_metric)
             self.scale_source = rec.scale_source
             t1 = time.perf_counter()
@@ -173,6 +180,13 @@ class MappingPipeline:
         return WindowStats(len(frames), n_pix, self.map.num_gaussians, self.map.num_instances,
                            t1 - t0, t2 - t1, t3 - t2, t4 - t3, num_fused_frames=len(new))
 
+    def _move_map(self, new_from_old: np.ndarray) -> None:
+        """Apply a backend's map correction (a similarity: a re-levelled, re-scaled unposed map) to everything
+        already fused (:meth:`SemanticGaussianMap.apply_correction`: nothing is re-keyed or merged); the set of
+        fused frames is kept. Readers keep the previous snapshot until the window is published."""
+        self.map.apply_correction(new_from_old)
+        self.map_corrections += 1
+
     def snapshot(self) -> MapSnapshot:
         """A consistent CPU copy of the map, with the scale's provenance (``scale_is_metric``, ``scale_source``)."""
         snap = self.map.snapshot()
@@ -187,12 +201,13 @@ class MappingPipeline:
             The reconstructor's ``registration_stats()`` when it has one (feedforward: ``windows_registered``,
             ``relocalisations``, ``registration_failures``, ``keyframes``, ``oom_fallbacks``, ``scale_source``,
             ``up_source``), plus ``scale_is_metric`` (0/1), ``scale_source`` and ``skipped_fused_frames``
-            (window frames not fused again because an earlier window fused them).
+            (window frames not fused again because an earlier window fused them) and ``map_corrections`` (times the
+            whole map was moved by a backend's correction, e.g. re-levelled).
         """
         stats_fn = getattr(self.reconstructor, "registration_stats", None)
         out: dict[str, float | str] = dict(stats_fn()) if callable(stats_fn) else {}
         out.update(scale_is_metric=float(self.scale_is_metric), scale_source=self.scale_source,
-                   skipped_fused_frames=float(self.skipped_fused_frames))
+                   skipped_fused_frames=float(self.skipped_fused_frames), map_corrections=float(self.map_corrections))
         return out
 
     def reset(self) -> None:

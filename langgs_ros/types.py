@@ -90,6 +90,10 @@ class WindowReconstruction:
         residuals: optional diagnostics from alignment (e.g. ``{"ate_m": ..., "scale": ...}``).
         scale_source: where the scale comes from: ``"depth_sensor"``, ``"odometry"``, ``"camera_height"`` (a
             declared prior: metres if the prior is right), ``"none"`` (arbitrary units) or ``"unknown"``.
+        map_correction: optional (4, 4) float64 similarity ``map_new <- map_old`` (``[[s R, t], [0, 1]]``, t in
+            metres) that must be applied to the existing map before this window is fused: the backend re-levelled
+            and re-scaled an unposed map (new floor / up / camera-height estimate). This window's poses and depth
+            are already in ``map_new``.
     """
 
     frames: list[Frame]
@@ -101,6 +105,7 @@ class WindowReconstruction:
     scale_is_metric: bool = True
     residuals: dict[str, float] = field(default_factory=dict)
     scale_source: str = "unknown"
+    map_correction: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.depth.shape[0])

@@ -211,3 +211,18 @@ def window_indices(n: int, size: int = 8, overlap: int = 2) -> list[list[int]]:
         out.append(list(range(start, min(n, start + size))))
         start += size - overlap
     return out
+
+
+def record_first_placement(placed: dict[str, np.ndarray], frames: Sequence[Frame], world_from_camera,
+                           map_correction) -> None:
+    """Keep the first placement (4, 4) of each frame id, moving the earlier ones with the map when the backend
+    corrected the map frame (``map_correction``: a :class:`Sim3` or a (4, 4) similarity matrix, or ``None``), as
+    the map's own Gaussians and cameras were moved."""
+    if map_correction is not None:
+        C = map_correction if isinstance(map_correction, Sim3) else Sim3.from_matrix(np.asarray(map_correction))
+        for k, T in placed.items():
+            placed[k] = C.transform_pose(T)
+    poses = world_from_camera.double().cpu().numpy() if isinstance(world_from_camera, torch.Tensor) \
+        else np.asarray(world_from_camera, dtype=np.float64)
+    for f, T in zip(frames, poses):
+        placed.setdefault(f.frame_id, T)

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from _ff_double import window_indices
+from _ff_double import record_first_placement, window_indices
 from scipy.spatial.transform import Rotation
 
 from langgs_ros.reconstruction.alignment import (
@@ -235,8 +235,7 @@ def _run_aligner(frames: list[Frame], posed: bool, seed: int = 0, odometry: list
         poses, depth, Ks, conf = _window_inputs(frames, idx, random_sim3(rng), rng)
         out = aligner.align(fs, poses, depth, Ks, conf)
         residuals.append(out.residuals)
-        for f, T in zip(fs, out.world_from_camera):
-            est.setdefault(f.frame_id, T)
+        record_first_placement(est, fs, out.world_from_camera, out.map_correction)  # moved with the map
     return est, aligner, residuals
 
 

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from _ff_double import GroundTruthBackbone, OutOfMemoryOnce, window_indices
+from _ff_double import GroundTruthBackbone, OutOfMemoryOnce, record_first_placement, window_indices
 
 from langgs_ros.reconstruction.alignment import WindowAligner, umeyama
 from langgs_ros.reconstruction.base import make_reconstructor
@@ -180,8 +180,7 @@ def test_unposed_chain_matches_ground_truth_after_one_sim3(frames: list[Frame], 
         window = [dataclasses.replace(frames[i], world_from_camera=None, intrinsics=None) for i in idx]
         out = rec.reconstruct(window)
         assert out.scale_is_metric is False and out.frame == "map"
-        for f, T in zip(window, out.world_from_camera.double().numpy()):
-            first.setdefault(f.frame_id, T)
+        record_first_placement(first, window, out.world_from_camera, out.map_correction)
     P = np.stack([first[f.frame_id][:3, 3] for f in frames])
     G = np.stack([f.world_from_camera[:3, 3] for f in frames])
     fit = umeyama(P, G)

@@ -210,3 +210,37 @@ def test_real_floor_normals_point_up(hololens_dir) -> None:
     # 90th percentile 13°. Holding the median and 80 % within 15° catches orientation/sign/axis errors.
     assert np.median(ang) < 8.0, np.median(ang)
     assert np.mean(ang < 15.0) > 0.8, np.mean(ang < 15.0)
+
+
+def test_transform_gaussians_moves_means_and_covariances() -> None:
+    """Σ' = s² R Σ Rᵀ, μ' = s R μ + t, weights × s² (areas); a non-similarity is refused."""
+    from scipy.spatial.transform import Rotation
+
+    from langgs_ros.gaussians import transform_gaussians
+    from langgs_ros.geometry import covariance_from_scales_quats
+    from langgs_ros.types import Gaussians
+
+    gen = torch.Generator().manual_seed(0)
+    n = 50
+    q = torch.randn(n, 4, generator=gen)
+    g = Gaussians(torch.randn(n, 3, generator=gen), q / q.norm(dim=1, keepdim=True),
+                  torch.rand(n, 3, generator=gen) * 0.05 + 0.01, torch.rand(n, generator=gen),
+                  torch.rand(n, 3, generator=gen), torch.arange(n, dtype=torch.int32), torch.rand(n, generator=gen))
+    R = Rotation.from_rotvec([0.3, -0.2, 1.1]).as_matrix()
+    s, t = 1.7, np.array([0.5, -1.0, 2.0])
+    M = np.eye(4)
+    M[:3, :3], M[:3, 3] = s * R, t
+    out = transform_gaussians(g, M)
+    Rt = torch.as_tensor(R, dtype=torch.float32)
+    np.testing.assert_allclose(out.means.numpy(), (s * g.means @ Rt.T + torch.as_tensor(t).float()).numpy(),
+                               atol=1e-5)
+    cov = covariance_from_scales_quats(g.scales, g.quats)
+    expect = s * s * Rt[None] @ cov @ Rt.T[None]
+    np.testing.assert_allclose(covariance_from_scales_quats(out.scales, out.quats).numpy(), expect.numpy(),
+                               atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(out.weights.numpy(), (g.weights * s * s).numpy(), rtol=1e-6)
+    assert torch.equal(out.instance_ids, g.instance_ids) and torch.equal(out.opacities, g.opacities)
+    shear = np.eye(4)
+    shear[0, 1] = 0.2
+    with pytest.raises(ValueError):
+        transform_gaussians(g, shear)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import pytest
-from _ff_double import ErrorModel, GroundTruthBackbone, dropped, window_indices
+from _ff_double import ErrorModel, GroundTruthBackbone, dropped, record_first_placement, window_indices
 
 from langgs_ros.reconstruction.alignment import AlignerConfig, AlignmentError, WindowAligner, frame_key, umeyama
 from langgs_ros.reconstruction.feedforward import FeedForwardReconstructor
@@ -60,8 +60,7 @@ def run_windows(frames: list[Frame], rec: FeedForwardReconstructor, drop: set[in
         outcome.append(None)
         assert [f.frame_id for f in out.frames] == [f.frame_id for f in window]  # anchors are not returned
         assert out.depth.shape[0] == len(window)
-        for f, T in zip(window, out.world_from_camera.double().numpy()):
-            placed.setdefault(f.frame_id, T)
+        record_first_placement(placed, window, out.world_from_camera, out.map_correction)
     return placed, outcome
 
 
@@ -71,6 +70,15 @@ def ate_after_sim3(placed: dict[str, np.ndarray], frames: list[Frame], with_scal
     G = np.stack([f.world_from_camera[:3, 3] for f in ids])
     fit = umeyama(P, G, with_scale=with_scale)
     return float(np.sqrt(np.mean(np.sum((fit.apply(P) - G) ** 2, axis=1))))
+
+
+def up_error_deg(placed: dict[str, np.ndarray], frames: list[Frame], up_true) -> float:
+    """Angle between the map's z and the true up, from the camera orientations (chordal mean of R_world R_map^T)."""
+    ids = [f for f in frames if f.frame_id in placed]
+    M = sum(f.world_from_camera[:3, :3] @ placed[f.frame_id][:3, :3].T for f in ids)
+    U, _, Vt = np.linalg.svd(M)
+    up_map = U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt @ np.array([0.0, 0.0, 1.0])
+    return math.degrees(math.acos(float(np.clip(up_map @ np.asarray(up_true), -1, 1))))
 
 
 # ------------------------------------------------------------------------------------------------ keyframe memory
@@ -167,10 +175,7 @@ def test_gravity_and_camera_height_prior(frames: list[Frame], camera_height: flo
     P = np.stack([placed[f.frame_id][:3, 3] for f in ids])
     G = np.stack([f.world_from_camera[:3, 3] for f in ids])
     fit = umeyama(P, G)
-    M = sum(f.world_from_camera[:3, :3] @ placed[f.frame_id][:3, :3].T for f in ids)  # orientation-based
-    U, _, Vt = np.linalg.svd(M)
-    up_map = U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt @ np.array([0.0, 0.0, 1.0])
-    up_err = math.degrees(math.acos(float(np.clip(up_map @ np.asarray(hololens_seq.up), -1, 1))))
+    up_err = up_error_deg(placed, frames, hololens_seq.up)
     assert up_err < 2.0, f"map up is {up_err:.2f} deg from the true up"
     assert abs(fit.s - 1.0) < 0.05, f"scale from the camera-height prior off by {100 * abs(fit.s - 1):.1f} %"
     # cameras sit at the declared height above the map's floor (z = 0 at the floor)
@@ -248,3 +253,66 @@ def test_pipeline_segments_and_fuses_each_frame_once(frames: list[Frame], holole
     save_map(snap, path)
     loaded = load_map(path)
     assert loaded.scale_is_metric is False and loaded.scale_source == "camera_height"
+
+
+def _floor_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Four cameras 1.5 m above a floor (z = 0, 3000 points) with a table top (z = 0.7): points, poses (z up)."""
+    cams = np.tile(np.eye(4), (4, 1, 1))
+    cams[:, :3, :3] = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)  # looking along +y, y_cam down = -z
+    cams[:, :3, 3] = rng.normal(scale=0.2, size=(4, 3)) * [1, 1, 0] + np.array([0.0, 0.0, 1.5])
+    floor = np.c_[rng.uniform(-3, 3, (3000, 2)), np.zeros(3000)]
+    table = np.c_[rng.uniform(-0.5, 0.5, (1500, 2)), np.full(1500, 0.7)]
+    return np.vstack([floor, table]), cams
+
+
+def test_relevel_correction_levels_and_rescales_a_tilted_map() -> None:
+    from scipy.spatial.transform import Rotation
+
+    from langgs_ros.reconstruction.alignment import Sim3
+    from langgs_ros.reconstruction.gravity import GravityEstimate, relevel_correction, relevel_due
+
+    rng = np.random.default_rng(0)
+    pts, cams = _floor_scene(rng)
+    cfg = GravityConfig(camera_height=3.0)  # the cameras are 1.5 reconstruction units up: true scale 2
+    tilted = Sim3(2.2, Rotation.from_rotvec(np.radians(4.0) * np.array([0.6, -0.8, 0.0])).as_matrix(),
+                  np.array([0.1, 0.2, 0.3]))
+    current = GravityEstimate(tilted, np.array([0.0, 0.0, 1.0]), "floor_plane", "camera_height")
+    out = relevel_correction(current, pts, cams, cfg, 0)
+    assert out is not None
+    new, C = out
+    assert new.info["relevel_deg"] == pytest.approx(4.0, abs=0.2)
+    assert C.s == pytest.approx(2.0 / 2.2, rel=0.01) and new.map_from_reconstruction.s == pytest.approx(2.0, rel=0.01)
+    S = new.map_from_reconstruction
+    assert np.degrees(np.arccos(min(1.0, float(S.R[2, 2])))) < 0.2  # R's up (z) is the map's z
+    floor_map = S.apply(pts[:3000])
+    assert abs(float(np.median(floor_map[:, 2]))) < 0.01  # the floor at z = 0
+    np.testing.assert_allclose(C.apply(np.zeros((1, 3)))[0, :2], 0.0, atol=1e-12)  # x, y of the origin kept
+    # a map already level and at the right scale is left alone; so are too large jumps
+    assert relevel_correction(new, pts, cams, cfg, 0) is None
+    wild = GravityEstimate(Sim3(2.0, Rotation.from_rotvec([0.5, 0.0, 0.0]).as_matrix(), np.zeros(3)),
+                           np.array([0.0, 0.0, 1.0]), "floor_plane", "camera_height")
+    assert relevel_correction(wild, pts, cams, cfg, 0) is None  # 29 deg > relevel_max_deg
+    assert [n for n in range(1, 21) if relevel_due(n, cfg)] == [2, 4, 8, 12, 16, 20]
+    assert not any(relevel_due(n, GravityConfig(relevel_every=0)) for n in range(1, 21))
+
+
+@pytest.mark.slow
+def test_relevelling_keeps_the_map_gravity_aligned(frames: list[Frame], camera_height: float, hololens_seq) -> None:
+    """Under the full error model the first window's floor plane tilts the map; re-estimating on the keyframe
+    memory as windows arrive levels it (earlier cameras move with the map)."""
+    def run(relevel_every: int) -> tuple[float, FeedForwardReconstructor]:
+        cfg = AlignerConfig()
+        cfg.gravity.relevel_every = relevel_every
+        rec = FeedForwardReconstructor(backbone=GroundTruthBackbone(frames, WIDTH, seed=6, errors=ErrorModel.full()),
+                                       image_width=WIDTH, aligner=WindowAligner(cfg, seed=6),
+                                       camera_height=camera_height)
+        placed, outcome = run_windows(frames, rec)
+        assert sum(e is None for e in outcome) >= len(outcome) - 1
+        return up_error_deg(placed, frames, hololens_seq.up), rec
+
+    err_fixed, _ = run(0)
+    err, rec = run(4)
+    print(f"\nup error: first-window estimate {err_fixed:.2f} deg, re-levelled {err:.2f} deg "
+          f"({rec.aligner.relevellings} corrections)")
+    assert rec.aligner.relevellings >= 1 and rec.registration_stats()["relevellings"] >= 1
+    assert err < 2.0 and err < err_fixed

@@ -16,10 +16,12 @@ the window — and at an arbitrary global scale. This module places consecutive 
    ``O <- R`` is re-estimated after every window (RANSAC). Output poses are then in ``O``: metric, with the
    odometry frame's gravity (its ``z``/up axis).
 5. **Gravity and scale without odometry** (:mod:`~langgs_ros.reconstruction.gravity`): when the first window
-   carries no odometry, a Sim(3) ``M <- R`` is estimated once from it (RANSAC floor plane checked against the mean
+   carries no odometry, a Sim(3) ``M <- R`` is estimated from it (RANSAC floor plane checked against the mean
    camera up; scale from the declared camera height above the floor) and applied to every window: the map is
    z-up with the floor at z = 0, in metres of the prior (``scale_source = "camera_height"``) or in reconstruction
-   units (``"none"``). It is frozen after the first window because fused windows are not moved.
+   units (``"none"``). As windows arrive it is re-estimated on the whole keyframe memory
+   (:func:`~langgs_ros.reconstruction.gravity.relevel_correction`); a change is returned as
+   :attr:`WindowAlignment.map_correction`, which the caller applies to the map already fused.
 
 Frames placed in the map are kept in a :class:`~langgs_ros.reconstruction.keyframe_memory.KeyframeMemory` (images,
 geometry, descriptors); the reconstructor feeds some of them back to the network as *anchors* with each window, so
@@ -40,7 +42,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from langgs_ros.reconstruction.gravity import GravityConfig, GravityEstimate, estimate_gravity_and_scale
+from langgs_ros.reconstruction.gravity import (
+    GravityConfig,
+    GravityEstimate,
+    estimate_gravity_and_scale,
+    relevel_correction,
+    relevel_due,
+)
 from langgs_ros.reconstruction.keyframe_memory import KeyframeMemory
 from langgs_ros.types import Frame
 
@@ -726,6 +734,10 @@ class WindowAlignment:
         depth_scale: factor turning the window's depth into output units (``window_to_output.s``).
         metric: True when the output frame is the odometry frame (metres, odometry gravity).
         residuals: diagnostics (see :meth:`WindowAligner.align`).
+        map_correction: Sim(3) ``M' <- M`` (rotation, shift, scale) that the caller must apply to everything already in
+            the map before fusing this window (the map was re-levelled: see
+            :func:`~langgs_ros.reconstruction.gravity.relevel_correction`); ``None`` = the map frame is unchanged.
+            This window's ``world_from_camera`` is already in ``M'``.
     """
 
     window_to_output: Sim3
@@ -733,6 +745,7 @@ class WindowAlignment:
     depth_scale: float
     metric: bool
     residuals: dict[str, float]
+    map_correction: Sim3 | None = None
 
 
 @dataclass
@@ -784,6 +797,7 @@ class WindowAligner:
         self._odom: OrderedDict[tuple[str, float], _OdomPair] = OrderedDict()
         self.map_from_reconstruction: Sim3 | None = None
         self.num_windows = 0
+        self.relevellings = 0
         self.last_odometry_fit: dict[str, float] = {}
 
     @property
@@ -834,7 +848,8 @@ class WindowAligner:
             ``window_scale`` (window -> output), ``metric`` (0/1); with odometry ``odom_frames``,
             ``odom_inliers``, ``odom_inlier_ratio``, ``odom_rms_m``, ``odom_scale`` (R -> O), ``ate_m`` (RMS
             distance of this window's camera centres to their odometry centres, metres); and the summary
-            ``rms_m``, ``inlier_ratio``, ``scale`` (odometry fit when metric, else the overlap fit).
+            ``rms_m``, ``inlier_ratio``, ``scale`` (odometry fit when metric, else the overlap fit); ``relevel_deg``
+            when the map was re-levelled with this window.
 
         Raises:
             ValueError: inconsistent shapes or non-finite poses.
@@ -907,6 +922,7 @@ class WindowAligner:
             log.info("unposed map frame: up from %s (tilt vs mean camera up %.1f deg), scale from %s (x%.4g)",
                      self.gravity.up_source, self.gravity.tilt_deg, self.gravity.scale_source,
                      self.gravity.map_from_reconstruction.s)
+        correction = self._relevel(frames)
         S_xr = self._output_from_reconstruction()
         S_out = S_xr.compose(S_RW) if S_xr is not None else S_RW
         T_out = S_out.transform_pose(T_w)
@@ -928,10 +944,32 @@ class WindowAligner:
             res["rms_m"] = res.get("overlap_rms", 0.0)
             res["inlier_ratio"] = res.get("overlap_inlier_ratio", 1.0)
         res["scale"] = S_out.s
+        if correction is not None:
+            res["relevel_deg"] = self.gravity.info["relevel_deg"]
         self.num_windows += 1
-        return WindowAlignment(S_out, T_out, S_out.s, self.metric, res)
+        return WindowAlignment(S_out, T_out, S_out.s, self.metric, res, correction)
 
     # ------------------------------------------------------------------ internals
+    def _relevel(self, frames: Sequence[Frame]) -> Sim3 | None:
+        """Re-estimate the up vector and the camera-height scale on the whole keyframe memory when due (unposed maps
+        only); returns the correction of the map frame, or None (see
+        :func:`~langgs_ros.reconstruction.gravity.relevel_correction`)."""
+        cfg = self.config.gravity
+        if (self.gravity is None or self.metric or not relevel_due(self.num_windows + 1, cfg)
+                or any(f.world_from_camera is not None for f in frames)):
+            return None
+        kfs = list(self.memory)
+        pts = np.concatenate([k.geometry.points for k in kfs])
+        cams = np.stack([k.geometry.world_from_camera for k in kfs])
+        out = relevel_correction(self.gravity, pts, cams, cfg, self._rng)
+        if out is None:
+            return None
+        self.gravity, correction = out
+        self.relevellings += 1
+        log.info("unposed map re-levelled on %d keyframes: up moved %.2f deg, scale x%.4f (floor plane of %d "
+                 "inliers)", len(kfs), self.gravity.info["relevel_deg"], correction.s, self.gravity.floor_inliers)
+        return correction
+
     def _fit_overlap(self, src: list[FrameGeometry], dst: list[FrameGeometry]) -> tuple[Sim3, float, float, int]:
         """Sim(3) window -> R from shared frames; returns (sim, inlier RMS in R units, inlier ratio, N)."""
         return fit_shared_frames(src, dst, self.config, self._rng)

@@ -383,6 +383,8 @@ class FeedForwardReconstructor(Reconstructor):
             keyframes spread over the map); each costs one more network call.
         camera_height: declared camera height above the floor, metres, for the scale of unposed maps without
             odometry (``unposed.camera_height``; sets ``aligner.config.gravity.camera_height`` when given).
+        relevel_every: re-estimate the unposed map's floor, up and scale on its keyframes every this many windows
+            (``unposed.relevel_every``; sets ``aligner.config.gravity.relevel_every`` when given; 0 = never).
 
     Raises:
         ValueError: bad ``dtype``, ``camera_info``, ``image_width`` or ``min_confidence``.
@@ -395,7 +397,8 @@ class FeedForwardReconstructor(Reconstructor):
                  dtype: str = "auto", image_width: int = 518, min_confidence: float = 0.2,
                  camera_info: str = "replace", max_depth_jump: float = 0.1, backbone: Backbone | None = None,
                  aligner: WindowAligner | None = None, allow_random_weights: bool = False, anchors: int = 2,
-                 max_relocalisations: int = 2, camera_height: float | None = None) -> None:
+                 max_relocalisations: int = 2, camera_height: float | None = None,
+                 relevel_every: int | None = None) -> None:
         self.device = torch.device(device)
         if camera_info not in ("replace", "check", "ignore"):
             raise ValueError(f"camera_info must be 'replace', 'check' or 'ignore', got {camera_info!r}")
@@ -410,7 +413,9 @@ class FeedForwardReconstructor(Reconstructor):
         self.aligner = aligner if aligner is not None else WindowAligner(AlignerConfig())
         if camera_height is not None:
             self.aligner.config.gravity.camera_height = float(camera_height)
-            self.aligner.config.validate()
+        if relevel_every is not None:
+            self.aligner.config.gravity.relevel_every = int(relevel_every)
+        self.aligner.config.validate()
         self.oom_fallbacks = 0
         self.last_alignment: WindowAlignment | None = None
         if anchors < 0 or max_relocalisations < 0:
@@ -540,6 +545,7 @@ class FeedForwardReconstructor(Reconstructor):
             world_from_camera=torch.from_numpy(alignment.world_from_camera[:S]).to(self.device, torch.float32),
             frame="map", scale_is_metric=bool(alignment.metric), residuals=residuals,
             scale_source=self.aligner.scale_source,
+            map_correction=None if alignment.map_correction is None else alignment.map_correction.matrix(),
         )
         self._free()
         return rec
@@ -551,12 +557,14 @@ class FeedForwardReconstructor(Reconstructor):
             ``windows_registered`` (windows placed in the map, relocalised ones included), ``relocalisations``
             (windows placed only after their first anchor set failed), ``registration_failures`` (windows no
             anchor set could place; they were skipped), ``keyframes`` (in the memory), ``oom_fallbacks``,
-            ``scale_source`` and ``up_source`` (see :class:`WindowAligner`).
+            ``relevellings`` (times the unposed map was re-levelled on its keyframes), ``scale_source`` and
+            ``up_source`` (see :class:`WindowAligner`).
         """
         return {"windows_registered": float(self.windows_registered), "relocalisations": float(self.relocalisations),
                 "registration_failures": float(self.registration_failures),
                 "keyframes": float(len(self.aligner.memory)), "oom_fallbacks": float(self.oom_fallbacks),
-                "scale_source": self.aligner.scale_source, "up_source": self.aligner.up_source}
+                "relevellings": float(self.aligner.relevellings), "scale_source": self.aligner.scale_source,
+                "up_source": self.aligner.up_source}
 
     def reset(self) -> None:
         """Forget the map alignment (next window defines the map frame again)."""

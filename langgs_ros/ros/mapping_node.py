@@ -443,7 +443,8 @@ class MappingNode(LifecycleNode):
                 cfg.backend_args["weights"] = p["feedforward.weights"]
             cfg.unposed = UnposedConfig(camera_height=float(p["unposed.camera_height"]) or None,
                                         anchors=int(p["unposed.anchors"]),
-                                        max_relocalisations=int(p["unposed.max_relocalisations"]))
+                                        max_relocalisations=int(p["unposed.max_relocalisations"]),
+                                        relevel_every=int(p["unposed.relevel_every"]))
         if self.semantic_source == "labels":
             cfg.semantic_args = {"label_names": self.label_names or None}
         else:

@@ -149,6 +149,9 @@ PARAMETERS: dict[str, ParamSpec] = {
                                     "against the map (0 = chain through the window overlap only).", range=(0, 16)),
     "unposed.max_relocalisations": ParamSpec(2, "Further anchor sets tried when a window's anchors fail (each "
                                                 "costs a network call).", range=(0, 16)),
+    "unposed.relevel_every": ParamSpec(4, "Re-estimate the unposed map's floor, up and scale on all its keyframes "
+                                          "every N windows (and at windows 2 and 4), moving the map when they "
+                                          "change; 0 = keep the first window's estimate.", range=(0, 10000)),
 }
 
 
