@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from langgs_ros.datasets import RGBDSequence
 from langgs_ros.semantics.base import make_semantic_source
@@ -104,6 +105,22 @@ def test_masked_crops_content() -> None:
     c2 = masked_crops(image, edge, (16, 16), context=0.5, background_keep=1.0, fill=fill)
     torch.testing.assert_close(c2[0, :, 0, 0], torch.tensor(fill), atol=1e-4, rtol=0)
     assert masked_crops(image, mask[:0], (8, 8)).shape == (0, 3, 8, 8)
+    # Crops far larger than the output come from the average-pooled pyramid: the same pixels as a full-resolution
+    # area average (roi_align over the whole crop), up to the pyramid's bilinear sampling.
+    from torchvision.ops import roi_align
+
+    gen = torch.Generator().manual_seed(0)
+    big = F.interpolate(torch.rand(1, 3, 45, 60, generator=gen), size=(360, 480), mode="bilinear")[0]
+    masks = torch.zeros(3, 360, 480, dtype=torch.bool)
+    masks[0, 100:300, 50:400] = True
+    masks[1, 10:40, 10:30] = True
+    masks[2, 150:350, 300:470] = True
+    out = masked_crops(big, masks, (32, 32), context=0.4, background_keep=1.0, fill=fill)
+    boxes = square_context_boxes(masks, 0.4)
+    fill_t = torch.tensor(fill).view(1, 3, 1, 1)
+    ref = roi_align(big[None] - fill_t, torch.cat([torch.zeros(3, 1), boxes], 1), (32, 32), spatial_scale=1.0,
+                    sampling_ratio=-1, aligned=True) + fill_t
+    assert float((out - ref).abs().mean()) < 0.01 and float((out - ref).abs().max()) < 0.1
     with pytest.raises(ValueError):
         masked_crops(image, mask[:, :10], (8, 8))
 
