@@ -30,6 +30,9 @@ Pipeline per frame (:meth:`SemanticGaussianMap.integrate`):
 After the frames of one call: instances that turn out to be the same (voxel overlap ≥ ``merge_overlap`` of the
 smaller one and embedding cosine ≥ ``merge_min_cos``; ConceptGraphs' periodic merge) are merged (union-find,
 the oldest id survives, Gaussians re-keyed); the map is bounded by ``max_gaussians`` (eviction below);
+Gaussians that disagree with the weight majority of their voxel are relabelled to it (label consensus,
+:meth:`~langgs_ros.gaussian_store.GaussianStore.label_consensus`: an under-segmented mask's share of a
+neighbour goes back to the neighbour);
 centroids, gravity-aligned boxes (:func:`langgs_ros.geometry.fit_gravity_aligned_box`), Gaussian counts and
 the floor height are updated.
 
@@ -389,9 +392,14 @@ class SemanticGaussianMap:
                 stats.inserted_gaussians += ins
                 stats.merged_gaussians += mer
                 self.instances.add_occupancy(g.means, g.instance_ids)
-            stats.merged_instances, relabel = self.instances.merge_duplicates(touched)
+            stats.merged_instances, relabel = self.instances.merge_duplicates(touched, self.store.frame_counter)
             if relabel is not None:
                 self.store.relabel_instances(relabel)
+            if self.config.label_consensus_ratio > 0:
+                stats.relabelled_gaussians, changed = self.store.label_consensus(
+                    self.config.label_consensus_ratio, self.config.label_consensus_background,
+                    self.config.label_consensus_coarsen)
+                touched.update(i for i in changed if i >= 0)
             cfg = self.config
             stats.evicted_gaussians, affected = self.store.evict(
                 cfg.max_gaussians, cfg.evict_to_fraction, cfg.eviction_half_life, cfg.eviction_instance_boost)

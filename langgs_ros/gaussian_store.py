@@ -31,6 +31,8 @@ from langgs_ros.sparsify import (
 )
 from langgs_ros.types import Gaussians
 
+MAX_ID = (1 << 31) - 1
+
 __all__ = ["GaussianStore"]
 
 _ROW_FIELDS = ("_means", "_quats", "_scales", "_colors", "_opac", "_weights", "_inst", "_levels", "_seen")
@@ -351,6 +353,68 @@ class GaussianStore:
         moved = ((cur >= 0) & (relabel[cur.clamp_min(0)] != cur)).nonzero().squeeze(1)
         if moved.numel():
             self.rekey(moved, new_levels=self._levels[moved].clone(), new_inst=relabel[cur[moved]])
+
+    def label_consensus(self, min_ratio: float, background_votes: bool = True,
+                        coarsen: int = 0) -> tuple[int, list[int]]:
+        """Relabel Gaussians that disagree with the weight majority of their own voxel.
+
+        Rows in one voxel (at ``level + coarsen``) with different instance ids are the same surface labelled
+        differently by different frames (a SAM mask that swallowed a neighbour, a dilated boundary, a missed
+        object). The label with the largest accumulated merge weight there (Σ opacity × pixel footprint, i.e. how
+        much of the voxel's observation carried that label) wins: the rows of every label whose weight in the
+        voxel is at most ``1 / min_ratio`` of the winner's take the winner's id and are merged into the winner's
+        rows of the same key (:meth:`rekey`; moment matching, so nothing observed is lost). Background (-1) rows
+        vote like an instance when ``background_votes`` (a segment's dilated rim over a wall goes back to the
+        wall), else they are neither moved nor counted.
+
+        Args:
+            min_ratio: > 1; how much heavier the winning label must be in the voxel (2 = twice the weight).
+            coarsen: vote in the voxels this many levels coarser than each Gaussian's own (0 = its own voxel).
+            background_votes: whether background rows take part.
+
+        Returns:
+            ``(relabelled rows, instance ids that lost or gained Gaussians (may include -1))``.
+
+        Raises:
+            ValueError: ``min_ratio <= 1``.
+        """
+        if not min_ratio > 1.0:
+            raise ValueError(f"min_ratio must be > 1, got {min_ratio}")
+        M = self._M
+        if M < 2:
+            return 0, []
+        inst = self._inst[:M]
+        rows = torch.arange(M, device=self.device) if background_votes else (inst >= 0).nonzero().squeeze(1)
+        if rows.numel() < 2:
+            return 0, []
+        dev = self.device
+        lv = self._levels[rows].to(torch.int64) + int(coarsen)
+        vk = voxel_keys(self._means[rows], lv, torch.full((rows.numel(),), -1, device=dev), self.sparsify_config)
+        uv, inv = torch.unique(vk, return_inverse=True)
+        # Weight of every (voxel, instance) pair; the winner of a voxel is its heaviest instance.
+        r_inst = inst[rows].to(torch.int64)
+        pk = inv * (MAX_ID + 2) + (r_inst + 1)
+        up_, pinv = torch.unique(pk, return_inverse=True)
+        if up_.numel() == uv.numel():  # no voxel holds two labels
+            return 0, []
+        pw = torch.zeros(up_.numel(), dtype=torch.float64, device=dev).index_add_(
+            0, pinv, self._weights[rows].to(torch.float64))
+        pv, pi = up_ // (MAX_ID + 2), up_ % (MAX_ID + 2) - 1
+        vmax = torch.zeros(uv.numel(), dtype=torch.float64, device=dev).scatter_reduce_(0, pv, pw, reduce="amax")
+        cand = torch.where(pw >= vmax[pv], pi, torch.full_like(pi, MAX_ID + 1))
+        win = torch.full((uv.numel(),), MAX_ID + 1, dtype=torch.int64, device=dev).scatter_reduce_(
+            0, pv, cand, reduce="amin")  # lowest id on exact ties
+        pair_move = (pw * min_ratio <= vmax[pv]) & (pi != win[pv])
+        move = pair_move[pinv]
+        target = win[inv[move]]
+        src = rows[move]
+        changed = target != inst[src].to(torch.int64)
+        src, target = src[changed], target[changed]
+        if src.numel() == 0:
+            return 0, []
+        affected = torch.unique(torch.cat((inst[src].to(torch.int64), target))).tolist()
+        self.rekey(src, new_levels=self._levels[src].clone(), new_inst=target)
+        return int(src.numel()), affected
 
     def evict(self, max_gaussians: int, evict_to_fraction: float, half_life: float,
               instance_boost: float) -> tuple[int, list[int]]:

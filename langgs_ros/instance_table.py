@@ -161,7 +161,10 @@ class MapInstances:
             seg_emb = seg_emb / seg_emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
             cos = seg_emb @ emb.T if Kmap else torch.zeros(K, 1)
             sim = cfg.w_geo * overlap_c[:, :max(Kmap, 1)] + cfg.w_sem * (1 + cos) / 2
-            sim = torch.where(overlap_c[:, :max(Kmap, 1)] >= cfg.min_overlap, sim, torch.full_like(sim, -math.inf))
+            ok = overlap_c[:, :max(Kmap, 1)] >= cfg.min_overlap
+            if Kmap:
+                ok &= cos >= cfg.min_assoc_cos
+            sim = torch.where(ok, sim, torch.full_like(sim, -math.inf))
             for k in seg_ids:
                 stats.segments += 1
                 name = seg.names[k] if k < len(seg.names) else None
@@ -199,7 +202,7 @@ class MapInstances:
             self._occ, _, _ = sorted_insert(self._occ, k[~hit])
 
     # --- maintenance ------------------------------------------------------------------------------------------
-    def merge_duplicates(self, touched: set[int]) -> tuple[int, torch.Tensor | None]:
+    def merge_duplicates(self, touched: set[int], frame_counter: int = 0) -> tuple[int, torch.Tensor | None]:
         """Merge instance pairs with large voxel overlap and similar embeddings (union-find, oldest id wins).
 
         Returns:
@@ -241,7 +244,8 @@ class MapInstances:
             i, j = int(ia[c]), int(ib[c])
             if i not in self.records or j not in self.records or (i not in touched and j not in touched):
                 continue
-            if float(self.records[i].embedding @ self.records[j].embedding) < cfg.merge_min_cos:
+            if (float(self.records[i].embedding @ self.records[j].embedding) < cfg.merge_min_cos
+                    and not self._is_fragment(i, j, frame_counter)):
                 continue
             ri, rj = find(i), find(j)
             if ri != rj:
@@ -269,6 +273,17 @@ class MapInstances:
             touched.difference_update(members)
         self._occ = torch.unique((occ & ~_OCC_LOW) | relabel[inst])
         return merges, relabel
+
+    def _is_fragment(self, i: int, j: int, frame_counter: int) -> bool:
+        """Whether one of two overlapping instances is a rarely seen fragment of the other: observed at most
+        ``fragment_max_observations`` times and not for ``fragment_min_age`` frames, while the other was observed
+        ``fragment_min_ratio`` times as often (e.g. one half of an over-segmented mask embedded from a phrase
+        unlike the object's running mean). A young instance may still be a real object seen for the first time."""
+        cfg = self.config
+        small, big = sorted((self.records[i], self.records[j]), key=lambda r: r.observations)
+        return (small.observations <= cfg.fragment_max_observations
+                and big.observations >= cfg.fragment_min_ratio * max(small.observations, 1.0)
+                and frame_counter - small.last_seen >= cfg.fragment_min_age)
 
     def update(self, instance_ids: torch.Tensor, means: torch.Tensor, opacities: torch.Tensor, up: np.ndarray,
                touched: set[int]) -> None:

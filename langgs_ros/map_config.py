@@ -26,6 +26,20 @@ class FusionConfig:
         min_segment_points: segments with fewer Gaussians in a frame are treated as background (-1).
         merge_overlap: instances are merged when their shared voxels reach this fraction of the smaller one's ...
         merge_min_cos: ... and their embeddings' cosine is at least this.
+        min_assoc_cos: a segment is never associated with an instance whose embedding cosine is below this,
+            whatever the overlap (an under-segmented mask, or a small object inside a big instance's voxels,
+            otherwise joins the big instance on geometry alone). Measured on hololens with view-dependent MiniLM
+            phrases (bench_semantics); for CLIP image embeddings, whose cosines between objects are higher,
+            it is mostly inactive.
+        fragment_max_observations / fragment_min_ratio / fragment_min_age: an overlapping instance observed at
+            most ``fragment_max_observations`` times, unseen for ``fragment_min_age`` frames, is merged into one
+            observed ``fragment_min_ratio`` times as often even below ``merge_min_cos`` (a once-seen half of an
+            over-segmented mask).
+        label_consensus_ratio: after each call, Gaussians of one voxel (level + ``label_consensus_coarsen``)
+            whose label's accumulated weight there is at most 1/ratio of the heaviest label's are relabelled to it
+            and merged (:meth:`~langgs_ros.gaussian_store.GaussianStore.label_consensus`); 0 = off.
+        label_consensus_background: background (-1) Gaussians vote and can be relabelled.
+        label_consensus_coarsen: voxel level offset of the vote (0 = the Gaussians' own voxels).
         max_gaussians: map size bound (eviction above it).
         evict_to_fraction: eviction removes down to this fraction of ``max_gaussians`` (hysteresis).
         eviction_half_life: age (in integrated frames) that halves a Gaussian's eviction score.
@@ -53,9 +67,16 @@ class FusionConfig:
     w_sem: float = 1.0
     sim_threshold: float = 1.1
     min_overlap: float = 0.05
+    min_assoc_cos: float = 0.3
     min_segment_points: int = 50
     merge_overlap: float = 0.6
     merge_min_cos: float = 0.75
+    fragment_max_observations: float = 2.0
+    fragment_min_ratio: float = 4.0
+    fragment_min_age: int = 16
+    label_consensus_ratio: float = 2.0
+    label_consensus_background: bool = True
+    label_consensus_coarsen: int = 0
     max_gaussians: int = 2_000_000
     evict_to_fraction: float = 0.9
     eviction_half_life: float = 200.0
@@ -99,6 +120,7 @@ class IntegrationStats:
         associated: segments merged into existing instances.
         new_instances: instances created.
         merged_instances: instances absorbed by others.
+        relabelled_gaussians: map Gaussians relabelled by the label consensus.
         num_instances: instances after the call.
         seconds: wall time of the call.
     """
@@ -114,6 +136,7 @@ class IntegrationStats:
     associated: int = 0
     new_instances: int = 0
     merged_instances: int = 0
+    relabelled_gaussians: int = 0
     num_instances: int = 0
     seconds: float = 0.0
 

@@ -136,7 +136,10 @@ def test_revisits_do_not_grow_the_map_and_coarse_revisits_reuse_fine_voxels() ->
     integrate_views(m, [BOX_A], far, target, EMB)
     n_far = m.num_gaussians
     st = integrate_views(m, [BOX_A], far + near, target, EMB)
-    assert st.inserted_gaussians == 0 and m.num_gaussians == n_far and st.new_instances == 0
+    # Pixels re-observed with a label their voxel's majority overrules come back as new keys and are merged into
+    # the majority's Gaussians again by the label consensus: the map does not grow.
+    assert st.inserted_gaussians <= st.relabelled_gaussians
+    assert m.num_gaussians == n_far and st.new_instances == 0
 
 
 def test_refinement_rekeys_coarse_gaussians() -> None:
@@ -172,7 +175,8 @@ def test_far_view_seen_before_a_refinement_does_not_grow_the_map_when_seen_again
     assert st.inserted_gaussians == 0 and m.num_gaussians == n1
     assert float(m.store.weights.sum()) > mass  # merged, not dropped
     st = integrate_views(m, [BOX_A], far + near, target, EMB)
-    assert st.inserted_gaussians == 0 and m.num_gaussians == n1 and st.new_instances == 0
+    assert st.inserted_gaussians <= st.relabelled_gaussians  # see test_revisits_do_not_grow_the_map...
+    assert m.num_gaussians == n1 and st.new_instances == 0
     # Aliases follow their rows through eviction (no stale row indices).
     m.config.max_gaussians = n1 // 2
     integrate_views(m, [BOX_A], far, target, EMB)
@@ -429,9 +433,40 @@ def test_moved_map_continues_like_a_map_built_in_the_new_frame(hololens_16) -> N
         ca = a.instances.centers[a.instances.names.index(name)]
         cr = C.apply(r.instances.centers[r.instances.names.index(name)][None])[0]
         cb = b.instances.centers[b.instances.names.index(name)]
-        assert np.linalg.norm(ca - cr) < 1e-3, (name, ca, cr)  # the same map, moved
+        # the same map, moved (up to the few Gaussians whose voxel or label-consensus decision flips with float
+        # rounding of the moved inputs)
+        assert np.linalg.norm(ca - cr) < 5e-3, (name, ca, cr)
         assert np.linalg.norm(ca - cb) < 0.10, (name, ca, cb)  # another voxel grid: centroids of big objects move
     assert a.floor_height == pytest.approx(b.floor_height, abs=0.02)
     with pytest.raises(ValueError):
         moved.apply_correction(np.diag([1.0, 2.0, 1.0, 1.0]))  # not a similarity: refused, map unchanged
     assert moved.snapshot() is moved.snapshot() and len(moved.snapshot().gaussians) == len(a.gaussians)
+
+
+def test_label_consensus_relabels_the_minority_label_of_a_voxel_into_the_majority() -> None:
+    from langgs_ros.gaussian_store import GaussianStore
+    from langgs_ros.sparsify import voxel_keys
+
+    cfg = SparsifyConfig(base_voxel_size=0.1)
+    st = GaussianStore(cfg, 2, torch.device("cpu"))
+    # voxel 1: instance 3 (weight 3) and instance 7 (weight 1); voxel 2: instances 3 and 7 at 1.5 vs 1 (kept)
+    means = torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0], [1.01, 0, 0]])
+    inst = torch.tensor([3, 7, 3, 7], dtype=torch.int32)
+    g = Gaussians(means, torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1), torch.full((4, 3), 0.01), torch.ones(4),
+                  torch.rand(4, 3), inst, torch.tensor([3.0, 1.0, 1.5, 1.0]))
+    lv = torch.zeros(4, dtype=torch.int8)
+    keys = voxel_keys(means, lv, inst, cfg)
+    order = torch.argsort(keys)
+    st.insert(g.select(order), keys[order], lv[order])
+    n, changed = st.label_consensus(2.0)
+    assert n == 1 and sorted(changed) == [3, 7]
+    assert st.num_gaussians == 3
+    w = st.weights
+    merged = (st.means[:, 0] < 0.5)
+    assert int(merged.sum()) == 1 and int(st.instance_ids[merged]) == 3
+    assert float(w[merged]) == pytest.approx(4.0)  # merged, not dropped
+    assert float(st.means[merged, 0]) == pytest.approx(0.0025, abs=1e-6)  # weighted mean of the two
+    assert sorted(st.instance_ids[~merged].tolist()) == [3, 7]
+    assert st.label_consensus(2.0) == (0, [])  # stable
+    with pytest.raises(ValueError):
+        st.label_consensus(1.0)
