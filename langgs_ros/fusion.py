@@ -398,7 +398,7 @@ class SemanticGaussianMap:
             if self.config.label_consensus_ratio > 0:
                 stats.relabelled_gaussians, changed = self.store.label_consensus(
                     self.config.label_consensus_ratio, self.config.label_consensus_background,
-                    self.config.label_consensus_coarsen)
+                    self.config.label_consensus_coarsen, self.config.label_consensus_max_share)
                 touched.update(i for i in changed if i >= 0)
             cfg = self.config
             stats.evicted_gaussians, affected = self.store.evict(

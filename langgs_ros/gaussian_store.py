@@ -355,7 +355,7 @@ class GaussianStore:
             self.rekey(moved, new_levels=self._levels[moved].clone(), new_inst=relabel[cur[moved]])
 
     def label_consensus(self, min_ratio: float, background_votes: bool = True,
-                        coarsen: int = 0) -> tuple[int, list[int]]:
+                        coarsen: int = 0, max_share: float = 0.5) -> tuple[int, list[int]]:
         """Relabel Gaussians that disagree with the weight majority of their own voxel.
 
         Rows in one voxel (at ``level + coarsen``) with different instance ids are the same surface labelled
@@ -365,21 +365,28 @@ class GaussianStore:
         voxel is at most ``1 / min_ratio`` of the winner's take the winner's id and are merged into the winner's
         rows of the same key (:meth:`rekey`; moment matching, so nothing observed is lost). Background (-1) rows
         vote like an instance when ``background_votes`` (a segment's dilated rim over a wall goes back to the
-        wall), else they are neither moved nor counted.
+        wall), else they are neither moved nor counted. A label that would lose more than ``max_share`` of its
+        whole weight is left alone: that is a real object small against the voxel (a canister on a table's edge
+        in 5 cm voxels), not a neighbour's spill-over, and consensus never erases an instance (merging whole
+        fragments is the instance table's job).
 
         Args:
             min_ratio: > 1; how much heavier the winning label must be in the voxel (2 = twice the weight).
             coarsen: vote in the voxels this many levels coarser than each Gaussian's own (0 = its own voxel).
             background_votes: whether background rows take part.
+            max_share: in (0, 1]; the largest fraction of a label's total weight that may be relabelled in one
+                call (1 = no limit).
 
         Returns:
             ``(relabelled rows, instance ids that lost or gained Gaussians (may include -1))``.
 
         Raises:
-            ValueError: ``min_ratio <= 1``.
+            ValueError: ``min_ratio <= 1`` or ``max_share`` outside (0, 1].
         """
         if not min_ratio > 1.0:
             raise ValueError(f"min_ratio must be > 1, got {min_ratio}")
+        if not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
         M = self._M
         if M < 2:
             return 0, []
@@ -405,6 +412,11 @@ class GaussianStore:
         win = torch.full((uv.numel(),), MAX_ID + 1, dtype=torch.int64, device=dev).scatter_reduce_(
             0, pv, cand, reduce="amin")  # lowest id on exact ties
         pair_move = (pw * min_ratio <= vmax[pv]) & (pi != win[pv])
+        # A label losing more than max_share of its total weight keeps all of it (a small real object).
+        lab = torch.unique(pi, return_inverse=True)[1]
+        total = torch.zeros(int(lab.max()) + 1, dtype=torch.float64, device=dev).index_add_(0, lab, pw)
+        lost = torch.zeros_like(total).index_add_(0, lab, torch.where(pair_move, pw, torch.zeros_like(pw)))
+        pair_move &= (lost <= max_share * total)[lab]
         move = pair_move[pinv]
         target = win[inv[move]]
         src = rows[move]

@@ -40,6 +40,8 @@ class FusionConfig:
             and merged (:meth:`~langgs_ros.gaussian_store.GaussianStore.label_consensus`); 0 = off.
         label_consensus_background: background (-1) Gaussians vote and can be relabelled.
         label_consensus_coarsen: voxel level offset of the vote (0 = the Gaussians' own voxels).
+        label_consensus_max_share: a label that would lose more than this fraction of its total weight in one
+            call keeps all of it (a small object sharing voxels with a big one is not erased).
         max_gaussians: map size bound (eviction above it).
         evict_to_fraction: eviction removes down to this fraction of ``max_gaussians`` (hysteresis).
         eviction_half_life: age (in integrated frames) that halves a Gaussian's eviction score.
@@ -77,6 +79,7 @@ class FusionConfig:
     label_consensus_ratio: float = 2.0
     label_consensus_background: bool = True
     label_consensus_coarsen: int = 0
+    label_consensus_max_share: float = 0.7
     max_gaussians: int = 2_000_000
     evict_to_fraction: float = 0.9
     eviction_half_life: float = 200.0

@@ -470,3 +470,30 @@ def test_label_consensus_relabels_the_minority_label_of_a_voxel_into_the_majorit
     assert st.label_consensus(2.0) == (0, [])  # stable
     with pytest.raises(ValueError):
         st.label_consensus(1.0)
+    with pytest.raises(ValueError):
+        st.label_consensus(2.0, max_share=0.0)
+
+
+def test_label_consensus_never_erases_a_small_object_that_shares_its_voxels_with_a_big_one() -> None:
+    """A canister on a table's edge in coarse voxels: its every row is the minority of a table voxel. Relabelling
+    them all would delete a real object, so a label that would lose more than ``max_share`` of its weight keeps
+    it; with the limit off (1.0) it is absorbed."""
+    from langgs_ros.gaussian_store import GaussianStore
+    from langgs_ros.sparsify import voxel_keys
+
+    cfg = SparsifyConfig(base_voxel_size=0.1)
+    # table (id 2) in two voxels at weight 4 each; canister (id 5) in both at weight 1 each (its whole weight)
+    means = torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0], [1.01, 0, 0]])
+    inst = torch.tensor([2, 5, 2, 5], dtype=torch.int32)
+    for max_share, kept in ((0.7, True), (1.0, False)):
+        st = GaussianStore(cfg, 2, torch.device("cpu"))
+        g = Gaussians(means, torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1), torch.full((4, 3), 0.01), torch.ones(4),
+                      torch.rand(4, 3), inst, torch.tensor([4.0, 1.0, 4.0, 1.0]))
+        lv = torch.zeros(4, dtype=torch.int8)
+        keys = voxel_keys(means, lv, inst, cfg)
+        order = torch.argsort(keys)
+        st.insert(g.select(order), keys[order], lv[order])
+        n, _ = st.label_consensus(2.0, max_share=max_share)
+        assert (n == 0) == kept
+        assert (5 in st.instance_ids.tolist()) == kept
+        assert float(st.weights.sum()) == pytest.approx(10.0)  # nothing lost either way
