@@ -15,7 +15,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["langgs_ros", "langgs_ros.*"]),
     include_package_data=True,
-    package_data={"langgs_ros": ["resources/*"]},
     install_requires=[
         "numpy",
         "scipy",

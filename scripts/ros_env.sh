@@ -10,7 +10,7 @@
 #   (launch, config) and lib/langgs_ros/{mapping_node,replay_node} of this checkout;
 # - the venv: <venv>/bin on PATH, <venv> on AMENT_PREFIX_PATH (the ROS wheels' packages and langgs_ros' msg/srv);
 # - loopback-only DDS defaults, each only when unset: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
-#   FASTDDS_DEFAULT_PROFILES_FILE=langgs_ros/resources/fastdds_loopback.xml (always required on development
+#   FASTDDS_DEFAULT_PROFILES_FILE=build/fastdds_loopback.xml, written by langgs_ros/ros/dds_env.py (always required on development
 #   machines and CI). ROS_DOMAIN_ID is left to the caller: tests, demos and benchmarks set their own.
 # `ros2` subcommands that talk to the graph (topic, service list, param, node, lifecycle) start a background daemon
 # unless given --no-daemon: scripts and tests pass --no-daemon (or run `ros2 daemon stop` when done).
@@ -68,7 +68,12 @@ if [ -n "${LD_LIBRARY_PATH:-}" ]; then _langgs_prepend LD_LIBRARY_PATH "${LD_LIB
 if [ -n "${PYTHONPATH:-}" ]; then _langgs_prepend PYTHONPATH "${PYTHONPATH%%:*}"; fi
 
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
-export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_langgs_root/langgs_ros/resources/fastdds_loopback.xml}"
+if [ -z "${FASTDDS_DEFAULT_PROFILES_FILE:-}" ]; then
+    FASTDDS_DEFAULT_PROFILES_FILE="$("$_langgs_venv/bin/python" "$_langgs_root/langgs_ros/ros/dds_env.py" \
+        "$_langgs_root/build/fastdds_loopback.xml")" || {
+        echo "ros_env.sh: cannot write the loopback DDS profile" >&2; _langgs_done; unset -f _langgs_done; return 1; }
+fi
+export FASTDDS_DEFAULT_PROFILES_FILE
 
 _langgs_done
 unset -f _langgs_done
