@@ -443,21 +443,29 @@ def test_moved_map_continues_like_a_map_built_in_the_new_frame(hololens_16) -> N
     assert moved.snapshot() is moved.snapshot() and len(moved.snapshot().gaussians) == len(a.gaussians)
 
 
-def test_label_consensus_relabels_the_minority_label_of_a_voxel_into_the_majority() -> None:
+def _store_of_level0_gaussians(means: torch.Tensor, inst: list[int], weights: list[float]):
+    """A GaussianStore (10 cm base voxels) holding one level-0 Gaussian per row of ``means`` (N, 3) with the given
+    instance ids and merge weights, inserted in key order as fusion does."""
     from langgs_ros.gaussian_store import GaussianStore
     from langgs_ros.sparsify import voxel_keys
 
     cfg = SparsifyConfig(base_voxel_size=0.1)
     st = GaussianStore(cfg, 2, torch.device("cpu"))
-    # voxel 1: instance 3 (weight 3) and instance 7 (weight 1); voxel 2: instances 3 and 7 at 1.5 vs 1 (kept)
-    means = torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0], [1.01, 0, 0]])
-    inst = torch.tensor([3, 7, 3, 7], dtype=torch.int32)
-    g = Gaussians(means, torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1), torch.full((4, 3), 0.01), torch.ones(4),
-                  torch.rand(4, 3), inst, torch.tensor([3.0, 1.0, 1.5, 1.0]))
-    lv = torch.zeros(4, dtype=torch.int8)
-    keys = voxel_keys(means, lv, inst, cfg)
+    n = len(means)
+    ids = torch.tensor(inst, dtype=torch.int32)
+    g = Gaussians(means, torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), torch.full((n, 3), 0.01), torch.ones(n),
+                  torch.rand(n, 3), ids, torch.tensor(weights))
+    lv = torch.zeros(n, dtype=torch.int8)
+    keys = voxel_keys(means, lv, ids, cfg)
     order = torch.argsort(keys)
     st.insert(g.select(order), keys[order], lv[order])
+    return st
+
+
+def test_label_consensus_relabels_the_minority_label_of_a_voxel_into_the_majority() -> None:
+    # voxel 1: instance 3 (weight 3) and instance 7 (weight 1); voxel 2: instances 3 and 7 at 1.5 vs 1 (kept)
+    means = torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0], [1.01, 0, 0]])
+    st = _store_of_level0_gaussians(means, [3, 7, 3, 7], [3.0, 1.0, 1.5, 1.0])
     n, changed = st.label_consensus(2.0)
     assert n == 1 and sorted(changed) == [3, 7]
     assert st.num_gaussians == 3
@@ -478,21 +486,10 @@ def test_label_consensus_never_erases_a_small_object_that_shares_its_voxels_with
     """A canister on a table's edge in coarse voxels: its every row is the minority of a table voxel. Relabelling
     them all would delete a real object, so a label that would lose more than ``max_share`` of its weight keeps
     it; with the limit off (1.0) it is absorbed."""
-    from langgs_ros.gaussian_store import GaussianStore
-    from langgs_ros.sparsify import voxel_keys
-
-    cfg = SparsifyConfig(base_voxel_size=0.1)
     # table (id 2) in two voxels at weight 4 each; canister (id 5) in both at weight 1 each (its whole weight)
     means = torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0], [1.01, 0, 0]])
-    inst = torch.tensor([2, 5, 2, 5], dtype=torch.int32)
     for max_share, kept in ((0.7, True), (1.0, False)):
-        st = GaussianStore(cfg, 2, torch.device("cpu"))
-        g = Gaussians(means, torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1), torch.full((4, 3), 0.01), torch.ones(4),
-                      torch.rand(4, 3), inst, torch.tensor([4.0, 1.0, 4.0, 1.0]))
-        lv = torch.zeros(4, dtype=torch.int8)
-        keys = voxel_keys(means, lv, inst, cfg)
-        order = torch.argsort(keys)
-        st.insert(g.select(order), keys[order], lv[order])
+        st = _store_of_level0_gaussians(means, [2, 5, 2, 5], [4.0, 1.0, 4.0, 1.0])
         n, _ = st.label_consensus(2.0, max_share=max_share)
         assert (n == 0) == kept
         assert (5 in st.instance_ids.tolist()) == kept
