@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["core", "semantics", "render", "alignment", "vggt", "node"]
+ORDER = ["core", "semantics", "render", "map_quality", "alignment", "vggt", "node"]
 
 
 def main(argv: list[str]) -> int:

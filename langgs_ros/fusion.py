@@ -15,7 +15,10 @@ Pipeline per frame (:meth:`SemanticGaussianMap.integrate`):
    cell keeps the level of its first observation; observing a region again from farther away reuses its fine
    keys (no duplicate coarse copy), and observing it from (``refine_min_levels``) levels closer refines it,
    re-keying the cell's coarser map Gaussians at the new level (they merge into the fine voxels containing
-   their means). Their old coarse keys stay in the index as **aliases** of the rows they went into.
+   their means). Their old coarse keys stay in the index as **aliases** of the rows they went into. With
+   ``SparsifyConfig.max_coarsen > 0`` the lock is the finest level and
+   :func:`~langgs_ros.sparsify.hierarchical_levels` coarsens homogeneous voxels above it (geometry–semantic
+   levels); a later refinement of the cell re-keys those coarse Gaussians at the new lock like any other.
 4. **Map merge**: the map is a hash of Gaussians keyed like :func:`~langgs_ros.sparsify.voxel_keys`; a merged
    frame Gaussian whose key exists is moment-matched into the map Gaussian (weights = accumulated Σw, so the
    result equals merging all original observations at once); new keys are inserted. A frame Gaussian seen
@@ -73,7 +76,7 @@ from langgs_ros.gaussian_store import GaussianStore
 from langgs_ros.geometry import normalize_up, quat_to_rotmat, yaw_frame
 from langgs_ros.instance_table import MapInstances
 from langgs_ros.map_config import FusionConfig, IntegrationStats
-from langgs_ros.sparsify import SparsifyConfig, sparsify_with_keys
+from langgs_ros.sparsify import SparsifyConfig, hierarchical_levels, sparsify_with_keys
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians, MapSnapshot
 
 __all__ = ["FusionConfig", "IntegrationStats", "SemanticGaussianMap", "estimate_floor_height", "transform_snapshot"]
@@ -381,6 +384,7 @@ class SemanticGaussianMap:
                 g = self.instances.associate_and_relabel(g, seg, stats, touched, self.store.frame_counter)
                 dist = (g.means - torch.as_tensor(cam, dtype=torch.float32, device=self.device)).norm(dim=1)
                 levels, requested = self.store.levels_for(g.means, dist)
+                levels = hierarchical_levels(g, levels, self.sparsify_config)
                 res = sparsify_with_keys(g, levels, self.sparsify_config)
                 stats.sparsified_gaussians += len(res.gaussians)
                 # A merged Gaussian is a coarse view of its voxel when all its pixels asked for a coarser level

@@ -262,7 +262,8 @@ class GaussianStore:
             both = Gaussians.cat([old, g.select(hit)])
             inv = torch.cat((torch.arange(rows.numel(), device=dev), inv))
             merged = merge_by_inverse(both, both.weights, inv, int(rows.numel()),  # type: ignore[arg-type]
-                                      self.sparsify_config.min_scale)
+                                      self.sparsify_config.min_scale, self.sparsify_config.spread_gain,
+                                      self.sparsify_config.opacity_evidence)
             self._write_rows(rows, merged)
             self._seen[rows] = self.frame_counter
         miss = ~hit
@@ -332,7 +333,8 @@ class GaussianStore:
             g = Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors, new_inst.to(torch.int32), g.weights)
         keys = voxel_keys(g.means, lv, g.instance_ids, self.sparsify_config)
         uk, inv = torch.unique(keys, return_inverse=True)
-        merged = merge_by_inverse(g, g.weights, inv, int(uk.numel()), self.sparsify_config.min_scale)  # type: ignore
+        merged = merge_by_inverse(g, g.weights, inv, int(uk.numel()), self.sparsify_config.min_scale,
+                                  self.sparsify_config.spread_gain, self.sparsify_config.opacity_evidence)  # type: ignore
         ulv = torch.zeros(uk.numel(), dtype=torch.int8, device=self.device).scatter_(0, inv, lv)
         _, _, dest = self.insert(merged, uk, ulv)
         if keep_aliases and gone_keys.numel():
@@ -461,6 +463,7 @@ class GaussianStore:
         lv, self._cells, self._cell_levels = lock_cells_to_finest(g.means, lv, cfg)
         keys = voxel_keys(g.means, lv, g.instance_ids, cfg)
         uk, kinv = torch.unique(keys, return_inverse=True)
-        merged = merge_by_inverse(g, g.weights, kinv, int(uk.numel()), cfg.min_scale)  # type: ignore[arg-type]
+        merged = merge_by_inverse(g, g.weights, kinv, int(uk.numel()), cfg.min_scale, cfg.spread_gain,
+                                  cfg.opacity_evidence)  # type: ignore[arg-type]
         ulv = torch.zeros(uk.numel(), dtype=torch.int8, device=self.device).scatter_(0, kinv, lv)
         self.insert(merged, uk, ulv)

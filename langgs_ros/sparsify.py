@@ -13,12 +13,13 @@ and deterministic so it can also serve as the key of an incremental map:
   instances never share a key, so object boundaries are preserved at every level.
 - **Merge** (moment matching, see ``shared/docs/conventions.md``): with weights ``w_i`` = opacity × footprint
   area (``π s_a s_b`` of the two largest scales; ``g.weights`` when given, so already-merged Gaussians carry
-  their accumulated mass): ``μ = Σ w_i μ_i / Σ w_i``, ``Σ = Σ w_i (Σ_i + (μ_i − μ)(μ_i − μ)ᵀ) / Σ w_i``
+  their accumulated mass): ``μ = Σ w_i μ_i / Σ w_i``, ``Σ = Σ w_i (Σ_i + γ (μ_i − μ)(μ_i − μ)ᵀ) / Σ w_i``
   (two-pass, no cancellation), eigen-decomposed (batched ``torch.linalg.eigh``) back into scales and a proper
-  rotation (det +1, quaternion w ≥ 0). Colours: weighted mean. **Opacity: weighted mean** of the members'
-  opacities — members are samples of the same surface patch (neighbouring pixels, or the same patch seen again),
-  not stacked layers, so ``1 − Π(1 − α_i)`` would saturate to 1 after a few observations of a faint surface;
-  the weighted mean keeps the patch's average confidence/coverage. Singleton keys are passed through unchanged.
+  rotation (det +1, quaternion w ≥ 0); ``γ = spread_gain`` (:class:`SparsifyConfig`) keeps splats as wide,
+  relative to their patch, as a pixel surfel is relative to its pixel, so merged surfaces render without gaps.
+  Colours: weighted mean. **Opacity**: ``1 − (1 − ō)^e`` of the weighted mean ``ō`` (``e = opacity_evidence``):
+  members are independent evidence of one opaque surface patch, a merged patch of trusted pixels is nearly
+  opaque. Singleton keys are passed through unchanged.
 
 Voxels are *centred* on the grid points ``k · edge`` (index ``floor(p / edge + 0.5)``) at every level, so a
 plane at a round coordinate — typically the floor at ``z = 0`` of a robot's ``map`` — lies mid-voxel at all
@@ -47,6 +48,7 @@ __all__ = [
     "SparsifyConfig",
     "SparsifyResult",
     "cell_keys",
+    "hierarchical_levels",
     "lock_cell_levels",
     "lock_cells_to_finest",
     "merge_by_inverse",
@@ -81,12 +83,48 @@ class SparsifyConfig:
         max_level: coarsest level (voxel edge ``base · 2^max_level``); also the edge of the *cells* used by the
             map to lock one level per region (see :mod:`langgs_ros.fusion`).
         min_scale: lower bound on merged standard deviations, metres.
+        spread_gain: ``γ`` of the merge covariance ``Σ w_i (Σ_i + γ (μ_i − μ)(μ_i − μ)ᵀ) / Σ w_i``. Every
+            Gaussian stands for a patch of surface whose splat standard deviation is half the patch's width
+            (a pixel surfel: ``scale_factor`` 0.5 of its footprint). A uniformly filled patch of width ``a`` has
+            second moment ``a²/12`` per axis, so splat covariance = 3 × second moment: with ``γ = 3`` (=
+            ``12 · 0.5²``) the member covariances ``Σ_i`` (already ×3) and the spread of the members' means are
+            on the same footing, a merge of a k×k block of pixel surfels is exactly the surfel of the k-times
+            larger pixel, and merging is associative (merging merged Gaussians again gives the same result).
+            ``γ = 1`` is plain moment matching (splats a/√12 wide on an ``a`` grid: the surface renders with gaps).
+            Measured on hololens frames 10 and 40 (one frame mapped, rendered at its own pose, valid-depth pixels,
+            2 cm voxels, 8-bit PSNR): 13.5 / 13.2 dB with γ = 1 and mean opacity, 23.8 / 21.3 with γ = 3 and
+            ``opacity_evidence`` 2. γ = 4 renders 0.9 / 0.2 dB better but grows the held-out depth error of the
+            whole-sequence map from 2.6 to 3.5 cm (wider splats reach past silhouettes).
+        opacity_evidence: merged opacity ``1 − (1 − ō)^e`` (``ō`` the members' weighted mean opacity) for
+            groups of two or more: members are independent evidence that an opaque surface is there (each pixel
+            saw it), so a merged patch of trusted pixels (0.9) is nearly opaque (0.99 with ``e = 2``) instead of
+            letting the background show through it; ``e = 1`` keeps the mean. Repeated merges of the same patch
+            (revisits) tend to 1: a surface seen again and again is solid.
+        max_coarsen: geometry–semantic hierarchy depth (FLEG): a Gaussian may be merged up to this many levels
+            coarser than its view-distance level where its voxel is homogeneous (see
+            :func:`hierarchical_levels`); 0 = view-distance levels only.
+        color_tolerance: a voxel is homogeneous only if the weighted standard deviation of its members'
+            colours (RMS over R, G, B, colours in [0, 1]) is at most this.
+        planar_tolerance: ... and the standard deviation of its members' means along their least-spread axis
+            (thickness: curvature, depth discontinuities, a thin object on a surface) is at most this fraction
+            of the voxel edge.
+        normal_tolerance: ... and the members' normals (axis of their smallest scale) agree:
+            ``1 − λ_max(Σ w n nᵀ / Σ w) <=`` this (0 for identical normals; 0.05 ≈ 13° of spread; a corner or
+            an edge between a floor and a wall fails it).
+        min_split_members: voxels with fewer members are not split (nothing to gain).
     """
 
     base_voxel_size: float = 0.02
     growth_start_distance: float = 1.0
     max_level: int = 4
     min_scale: float = 1e-4
+    spread_gain: float = 3.0
+    opacity_evidence: float = 2.0
+    max_coarsen: int = 0
+    color_tolerance: float = 0.04
+    planar_tolerance: float = 0.08
+    normal_tolerance: float = 0.05
+    min_split_members: int = 4
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings."""
@@ -96,6 +134,13 @@ class SparsifyConfig:
             raise ValueError(f"max_level must be in [0, 15], got {self.max_level}")
         if self.min_scale <= 0:
             raise ValueError("min_scale must be > 0")
+        if self.spread_gain <= 0 or self.opacity_evidence < 1:
+            raise ValueError("spread_gain must be > 0 and opacity_evidence >= 1")
+        if not (0 <= self.max_coarsen <= self.max_level):
+            raise ValueError(f"max_coarsen must be in [0, max_level], got {self.max_coarsen}")
+        if (self.color_tolerance < 0 or self.planar_tolerance < 0 or self.normal_tolerance < 0
+                or self.min_split_members < 1):
+            raise ValueError("color_tolerance, planar_tolerance must be >= 0 and min_split_members >= 1")
 
     def voxel_size(self, level: int) -> float:
         """Voxel edge (m) at ``level``."""
@@ -214,6 +259,85 @@ def occupancy_instance_part(keys: torch.Tensor) -> torch.Tensor:
     return keys & ((1 << _OCC_INST_BITS) - 1)
 
 
+@torch.inference_mode()
+def hierarchical_levels(g: Gaussians, fine_levels: torch.Tensor, config: SparsifyConfig,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Geometry–semantic hierarchical levels: coarse where a voxel is homogeneous, refined where it is not.
+
+    FLEG (arXiv 2512.17541, geometry–semantic hierarchical sparsification): Gaussians are first grouped coarsely
+    by geometric position, then refined by semantics. Here, top-down over an octree of voxel levels: every
+    Gaussian starts at ``min(fine + max_coarsen, max_level)`` and the voxels of one level (keyed by level, voxel
+    and instance id, so instance boundaries always split) are tested for homogeneity:
+
+    - colour: weighted RMS standard deviation of the members' colours ``<= color_tolerance`` (colour edges,
+      texture);
+    - geometry: weighted standard deviation of the members' means along their least-spread axis ``<=
+      planar_tolerance · edge`` (depth discontinuities, thin structures in front of a surface), and normal
+      coherence ``1 − λ_max(Σ w n nᵀ / Σ w) <= normal_tolerance`` (curvature, corners, edges).
+
+    Members of a voxel that fails either test (and has ``>= min_split_members`` members) go one level finer;
+    nobody goes finer than its ``fine_levels`` (the view-distance resolution, the pixel footprint). A flat
+    uniform wall therefore ends as a few large flat Gaussians, edges and thin structures at the finest level.
+
+    Args:
+        g: N Gaussians (means (N, 3) m, colours (N, 3) in [0, 1], instance ids (N,)).
+        fine_levels: (N,) int finest level per Gaussian, in ``[0, max_level]``.
+        config: :class:`SparsifyConfig` (``max_coarsen``, tolerances).
+        weights: optional (N,) positive weights (default :func:`merge_weights`).
+
+    Returns:
+        (N,) int8 levels in ``[fine_levels, fine_levels + max_coarsen]`` (clamped to ``max_level``).
+
+    Raises:
+        ValueError: ``fine_levels`` of the wrong shape.
+    """
+    N = len(g)
+    if fine_levels.shape != (N,):
+        raise ValueError(f"fine_levels must have shape ({N},), got {tuple(fine_levels.shape)}")
+    dev = g.means.device
+    fine = fine_levels.to(device=dev, dtype=torch.int64)
+    if N == 0 or config.max_coarsen == 0:
+        return fine.to(torch.int8)
+    w = (merge_weights(g) if weights is None else weights.to(dev)).to(torch.float64)
+    x = g.means.to(torch.float64)
+    c = g.colors.to(torch.float64)
+    R = quat_to_rotmat(g.quats.to(torch.float64))
+    n = torch.gather(R, 2, g.scales.argmin(dim=1)[:, None, None].expand(-1, 3, 1)).squeeze(2)
+    nn = (n[:, :, None] * n[:, None, :]).reshape(-1, 9)
+    level = (fine + config.max_coarsen).clamp(max=config.max_level)
+    undecided = level > fine
+    while bool(undecided.any()):
+        idx = undecided.nonzero().squeeze(1)
+        lv = level[idx]
+        keys = voxel_keys(x[idx], lv, g.instance_ids[idx], config)
+        _, inv = torch.unique(keys, return_inverse=True)
+        G = int(inv.max()) + 1
+        wi = w[idx]
+        W = torch.zeros(G, dtype=torch.float64, device=dev).index_add_(0, inv, wi)
+        wn = wi / W[inv]
+        cnt = torch.bincount(inv, minlength=G)
+        mu_c = torch.zeros(G, 3, dtype=torch.float64, device=dev).index_add_(0, inv, c[idx] * wn[:, None])
+        var_c = torch.zeros(G, dtype=torch.float64, device=dev).index_add_(
+            0, inv, ((c[idx] - mu_c[inv]) ** 2).sum(1) * wn) / 3.0
+        mu_x = torch.zeros(G, 3, dtype=torch.float64, device=dev).index_add_(0, inv, x[idx] * wn[:, None])
+        d = x[idx] - mu_x[inv]
+        cov = torch.zeros(G, 9, dtype=torch.float64, device=dev).index_add_(
+            0, inv, (d[:, :, None] * d[:, None, :]).reshape(-1, 9) * wn[:, None]).reshape(G, 3, 3)
+        thin = torch.linalg.eigvalsh(cov)[:, 0].clamp_min(0.0)
+        ncov = torch.zeros(G, 9, dtype=torch.float64, device=dev).index_add_(
+            0, inv, nn[idx] * wn[:, None]).reshape(G, 3, 3)
+        incoherent = 1.0 - torch.linalg.eigvalsh(ncov)[:, 2] > config.normal_tolerance
+        edge = config.base_voxel_size * torch.pow(2.0, torch.zeros(G, dtype=torch.float64, device=dev)
+                                                  .scatter_(0, inv, lv.to(torch.float64)))
+        split = ((var_c > config.color_tolerance ** 2) | (thin > (config.planar_tolerance * edge) ** 2)
+                 | incoherent) & (cnt >= config.min_split_members)
+        go = split[inv]
+        level[idx[go]] -= 1
+        undecided[idx[~go]] = False
+        undecided[idx[go]] = level[idx[go]] > fine[idx[go]]
+    return level.to(torch.int8)
+
+
 def merge_weights(g: Gaussians) -> torch.Tensor:
     """Merge weight per Gaussian: ``g.weights`` if present, else opacity × footprint area.
 
@@ -227,7 +351,8 @@ def merge_weights(g: Gaussians) -> torch.Tensor:
 
 @torch.inference_mode()
 def merge_by_inverse(g: Gaussians, weights: torch.Tensor, inverse: torch.Tensor, num_out: int,
-                     min_scale: float = 1e-4) -> Gaussians:
+                     min_scale: float = 1e-4, spread_gain: float = 1.0, opacity_evidence: float = 1.0
+                     ) -> Gaussians:
     """Moment-matching merge of the Gaussians that share an output index.
 
     Args:
@@ -236,6 +361,9 @@ def merge_by_inverse(g: Gaussians, weights: torch.Tensor, inverse: torch.Tensor,
         inverse: (N,) int64 output index in ``[0, num_out)`` of each input; every output index must be used.
         num_out: M, the number of groups.
         min_scale: lower bound on merged standard deviations (m).
+        spread_gain: ``γ`` of the spread term (see :attr:`SparsifyConfig.spread_gain`; 1 = moment matching).
+        opacity_evidence: ``e`` of the merged opacity ``1 − (1 − ō)^e`` of groups of two or more (``ō`` the
+            weighted mean; 1 = the mean itself; see :attr:`SparsifyConfig.opacity_evidence`).
 
     Returns:
         M merged Gaussians with ``weights`` = Σ w per group (float32, on ``g``'s device).
@@ -259,13 +387,15 @@ def merge_by_inverse(g: Gaussians, weights: torch.Tensor, inverse: torch.Tensor,
         # Second moments for all inputs (cheaper than masking out singletons); eigh only for groups >= 2.
         d = g.means - mu[inverse]
         A = quat_to_rotmat(g.quats) * g.scales[:, :, None].transpose(1, 2)
-        contrib = torch.einsum("nij,nkj->nik", A, A) + d[:, :, None] * d[:, None, :]  # Σ_i + d dᵀ
+        contrib = torch.einsum("nij,nkj->nik", A, A) + spread_gain * d[:, :, None] * d[:, None, :]  # Σ_i + γ d dᵀ
         contrib = (contrib * wn[:, None, None]).reshape(-1, 9)
         idx = multi.nonzero().squeeze(1)
         cov = torch.zeros(num_out, 9, device=dev).index_add_(0, inverse, contrib)[idx].reshape(-1, 3, 3)
         s_m, q_m = scales_quats_from_covariance(cov, min_scale=min_scale)
         scales[idx] = s_m
         quats[idx] = q_m
+        if opacity_evidence != 1.0:
+            opac[idx] = 1.0 - (1.0 - opac[idx].clamp(0.0, 1.0)) ** opacity_evidence
     # Exact means of singletons (no division round-off).
     single = ~multi
     mu[single] = g.means[first[single]]
@@ -301,7 +431,8 @@ def sparsify_with_keys(g: Gaussians, levels: torch.Tensor, config: SparsifyConfi
         raise ValueError(f"levels must lie in [0, {config.max_level}]")
     keys = voxel_keys(g.means, levels, g.instance_ids, config)
     ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    merged = merge_by_inverse(g, merge_weights(g), inverse, int(ukeys.numel()), config.min_scale)
+    merged = merge_by_inverse(g, merge_weights(g), inverse, int(ukeys.numel()), config.min_scale,
+                              config.spread_gain, config.opacity_evidence)
     out_levels = torch.zeros(ukeys.numel(), dtype=torch.int8, device=dev).scatter_(0, inverse, levels.to(torch.int8))
     return SparsifyResult(merged, ukeys, out_levels, inverse)
 

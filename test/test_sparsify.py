@@ -40,8 +40,9 @@ def _random_gaussians(n: int, seed: int = 0, spread: float = 0.1, n_inst: int = 
     )
 
 
-def _brute_force(g: Gaussians, w: np.ndarray, groups: dict) -> dict:
-    """float64 numpy moment matching per group: key -> (W, mu, cov, color, opacity)."""
+def _brute_force(g: Gaussians, w: np.ndarray, groups: dict, gain: float = 1.0, evidence: float = 1.0) -> dict:
+    """float64 numpy moment matching per group (spread term x gain, opacity 1 - (1 - mean)^evidence for groups
+    of two or more): key -> (W, mu, cov, color, opacity)."""
     means = g.means.double().numpy()
     cov_i = covariance_from_scales_quats(g.scales.double(), g.quats.double()).numpy()
     out = {}
@@ -51,24 +52,27 @@ def _brute_force(g: Gaussians, w: np.ndarray, groups: dict) -> dict:
         W = ww.sum()
         mu = (ww[:, None] * means[idx]).sum(0) / W
         d = means[idx] - mu
-        cov = (ww[:, None, None] * (cov_i[idx] + d[:, :, None] * d[:, None, :])).sum(0) / W
+        cov = (ww[:, None, None] * (cov_i[idx] + gain * d[:, :, None] * d[:, None, :])).sum(0) / W
         col = (ww[:, None] * g.colors.double().numpy()[idx]).sum(0) / W
         op = (ww * g.opacities.double().numpy()[idx]).sum() / W
+        if len(idx) > 1:
+            op = 1.0 - (1.0 - op) ** evidence
         out[key] = (W, mu, cov, col, op)
     return out
 
 
-def test_merge_by_inverse_matches_brute_force_moment_matching() -> None:
+@pytest.mark.parametrize(("gain", "evidence"), [(1.0, 1.0), (4.0, 2.0)])
+def test_merge_by_inverse_matches_brute_force_moment_matching(gain: float, evidence: float) -> None:
     g = _random_gaussians(400, seed=1)
     inv = torch.randint(0, 60, (400,), generator=torch.Generator().manual_seed(2))
     inv[:60] = torch.arange(60)  # every group used
     inv[60] = 59  # and at least one singleton possible elsewhere
     w = merge_weights(g)
-    merged = merge_by_inverse(g, w, inv, 60, min_scale=1e-6)
+    merged = merge_by_inverse(g, w, inv, 60, min_scale=1e-6, spread_gain=gain, opacity_evidence=evidence)
     groups = defaultdict(list)
     for i, k in enumerate(inv.tolist()):
         groups[k].append(i)
-    ref = _brute_force(g, w.double().numpy(), groups)
+    ref = _brute_force(g, w.double().numpy(), groups, gain, evidence)
     cov = covariance_from_scales_quats(merged.scales.double(), merged.quats.double()).numpy()
     for k, (W, mu, C, col, op) in ref.items():
         assert merged.weights[k].item() == pytest.approx(W, rel=1e-5)
@@ -174,10 +178,17 @@ def test_dense_plane_is_reduced_and_stays_flat() -> None:
     thin = out.scales.argmin(dim=1)
     normals = torch.gather(R, 2, thin[:, None, None].expand(-1, 3, 1)).squeeze(2)
     assert torch.all(normals[:, 2].abs() > 0.999)
-    # In-plane sigma of a uniformly filled 2 cm voxel is about 2 cm / sqrt(12).
+    # In-plane sigma of a uniformly filled 2 cm voxel: its second moment 2 cm / sqrt(12) times sqrt(spread_gain).
     in_plane = torch.sort(out.scales, dim=1).values[:, 1:]
+    gain = SparsifyConfig().spread_gain
+    assert torch.allclose(in_plane, torch.full_like(in_plane, 0.02 * math.sqrt(gain / 12)), rtol=0.05)
+    assert torch.allclose(out.opacities, torch.full((100,), 1 - 0.1 ** SparsifyConfig().opacity_evidence))
+    # Plain moment matching (gain 1, mean opacity) is the second moment itself.
+    plain = sparsify(g, torch.full((N,), 0.5), SparsifyConfig(base_voxel_size=0.02, spread_gain=1.0,
+                                                                 opacity_evidence=1.0))
+    in_plane = torch.sort(plain.scales, dim=1).values[:, 1:]
     assert torch.allclose(in_plane, torch.full_like(in_plane, 0.02 / math.sqrt(12)), rtol=0.05)
-    assert torch.allclose(out.opacities, torch.full((100,), 0.9))
+    assert torch.allclose(plain.opacities, torch.full((100,), 0.9))
 
 
 def test_edge_cases() -> None:
@@ -196,3 +207,92 @@ def test_edge_cases() -> None:
                      torch.ones(4), torch.ones(4, 3), torch.zeros(4, dtype=torch.int32))
     out = sparsify(same, torch.zeros(4), cfg)
     assert len(out) == 1 and torch.allclose(out.scales, torch.full((1, 3), 1e-3), rtol=1e-3)
+
+
+def test_merging_pixel_surfels_with_gain_3_gives_the_surfel_of_a_larger_pixel() -> None:
+    # A k x k block of pixel surfels (sigma = half a pixel) merged with gain 3 is the surfel of a pixel k times
+    # larger (sigma = k / 2 pixels), and merging merged blocks again gives the same (associative).
+    px, k = 1e-3, 4
+    ax = (torch.arange(2 * k, dtype=torch.float32) + 0.5) * px
+    xy = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), -1).reshape(-1, 2)
+    N = xy.shape[0]
+    g = Gaussians(torch.cat((xy, torch.ones(N, 1)), 1), torch.tensor([[1.0, 0, 0, 0]]).repeat(N, 1),
+                  torch.tensor([[0.5 * px, 0.5 * px, 1e-5]]).repeat(N, 1), torch.full((N,), 0.9), torch.rand(N, 3),
+                  torch.full((N,), -1, dtype=torch.int32))
+    blk = (torch.div(xy[:, 0], k * px, rounding_mode="floor") * 2 + torch.div(xy[:, 1], k * px,
+                                                                              rounding_mode="floor")).long()
+    quads = merge_by_inverse(g, merge_weights(g), blk, 4, min_scale=1e-6, spread_gain=3.0)
+    in_plane = torch.sort(quads.scales, dim=1).values[:, 1:]
+    assert torch.allclose(in_plane, torch.full_like(in_plane, 0.5 * k * px), rtol=1e-3)
+    whole = merge_by_inverse(quads, quads.weights, torch.zeros(4, dtype=torch.int64), 1, 1e-6, 3.0)
+    direct = merge_by_inverse(g, merge_weights(g), torch.zeros(N, dtype=torch.int64), 1, 1e-6, 3.0)
+    assert torch.allclose(whole.scales, direct.scales, rtol=1e-3)
+    assert torch.allclose(torch.sort(whole.scales).values[0, 1:], torch.full((2,), k * px), rtol=1e-3)
+
+
+def test_merged_plane_renders_without_gaps() -> None:
+    from langgs_ros.gaussians import gaussians_from_depth
+    from langgs_ros.render import render_gaussians
+
+    # A fronto-parallel wall 1 m away seen by a 96 x 96 camera (f = 100 px: 1 cm per pixel), merged in 4 cm voxels.
+    H = W = 96
+    K = np.array([[100.0, 0, 47.5], [0, 100.0, 47.5], [0, 0, 1]])
+    rgb = np.full((H, W, 3), 128, np.uint8)
+    g = gaussians_from_depth(np.ones((H, W), np.float32), rgb, K, np.eye(4))
+    dense = render_gaussians(g, np.eye(4), K, W, H, backend="torch")
+    inner = (slice(16, 80), slice(16, 80))
+
+    def alpha_of(cfg: SparsifyConfig) -> float:
+        out = sparsify(g, torch.ones(len(g)), cfg)
+        assert len(out) <= len(g) / 12
+        return float(render_gaussians(out, np.eye(4), K, W, H, backend="torch").alpha[inner].mean())
+
+    assert float(dense.alpha[inner].mean()) > 0.98
+    # 4 x 4 pixel Gaussians per merged one: the default merge covers the wall (measured 0.92) ...
+    assert alpha_of(SparsifyConfig(base_voxel_size=0.04)) > 0.9
+    # ... plain moment matching leaves a grid of gaps (measured 0.57; the failure this guards against).
+    assert alpha_of(SparsifyConfig(base_voxel_size=0.04, spread_gain=1.0, opacity_evidence=1.0)) < 0.7
+
+
+def _scene_for_levels() -> tuple[Gaussians, torch.Tensor]:
+    # A 32 cm x 32 cm floor patch of 2 mm surfels: grey, then a colour edge at x = 0.255 (inside a voxel at every
+    # level).
+    ax = torch.arange(160, dtype=torch.float32) * 2e-3 + 1e-3
+    xy = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), -1).reshape(-1, 2)
+    N = xy.shape[0]
+    colors = torch.full((N, 3), 0.5)
+    colors[xy[:, 0] > 0.255] = torch.tensor([0.9, 0.1, 0.1])
+    g = Gaussians(torch.cat((xy, torch.zeros(N, 1)), 1), torch.tensor([[1.0, 0, 0, 0]]).repeat(N, 1),
+                  torch.tensor([[1e-3, 1e-3, 1e-4]]).repeat(N, 1), torch.full((N,), 0.9), colors,
+                  torch.full((N,), -1, dtype=torch.int32))
+    return g, torch.zeros(N, dtype=torch.int8)
+
+
+def test_hierarchical_levels_coarsen_uniform_regions_and_refine_at_edges() -> None:
+    from langgs_ros.sparsify import hierarchical_levels
+
+    g, fine = _scene_for_levels()
+    cfg = SparsifyConfig(base_voxel_size=0.02, max_level=4, max_coarsen=3)
+    lv = hierarchical_levels(g, fine, cfg)
+    x = g.means[:, 0]
+    assert lv.dtype == torch.int8 and int(lv.min()) >= 0 and int(lv.max()) <= 3
+    far_from_edge = (x < 0.15)  # uniform grey, several 16 cm voxels away from the edge
+    assert float((lv[far_from_edge] >= 2).float().mean()) > 0.9
+    at_edge = (x - 0.255).abs() < 0.004
+    assert torch.all(lv[at_edge] == 0)  # the colour edge is kept at the finest level
+    assert len(sparsify_with_keys(g, lv, cfg).gaussians) < len(sparsify_with_keys(g, fine, cfg).gaussians) / 2
+    # A corner (the floor meets a wall, surfels turned with it) refines like a colour edge.
+    g.colors[:] = 0.5
+    wall = x > 0.255
+    g.means[wall, 2] = x[wall] - 0.255
+    g.means[wall, 0] = 0.255
+    g.quats[wall] = torch.tensor([math.cos(math.pi / 4), 0.0, math.sin(math.pi / 4), 0.0])  # normal +z -> +x
+    lv = hierarchical_levels(g, fine, cfg)
+    assert torch.all(lv[at_edge] == 0) and float((lv[far_from_edge] >= 2).float().mean()) > 0.9
+    # Never finer than the fine levels, never coarser than fine + max_coarsen; off with max_coarsen = 0.
+    fine2 = torch.ones_like(fine)
+    lv2 = hierarchical_levels(g, fine2, cfg)
+    assert torch.all(lv2 >= 1) and torch.all(lv2 <= 4)
+    assert torch.equal(hierarchical_levels(g, fine2, SparsifyConfig()), fine2)
+    with pytest.raises(ValueError):
+        hierarchical_levels(g, fine[:-1], cfg)
