@@ -13,6 +13,10 @@ oracle segmentation with one-hot embeddings):
 - bytes per stored map Gaussian vs the 248 B of 3DGS (float32, SH degree 3), plus the runtime bytes;
 - embeddings per Gaussian (instances / Gaussians; FLEG reports ~5 %);
 - the map size vs the per-pixel representation;
+- the CPU peer, side by side: Open3D's ``VoxelBlockGrid`` TSDF integration (``compute_unique_block_coordinates``
+  + ``integrate``, tsdf/weight/colour, 8³ blocks) of the same frames at the same voxel size, against our surfel
+  creation + sparsification + fusion of them (open3d is a benchmark-only dependency: ``bench/requirements.txt``;
+  the row is skipped with a note without it);
 - LERF scoring latency (:meth:`QueryEngine.scores`) for 1k and 10k instances with D = 512 random unit
   embeddings and cached text embeddings, and one end-to-end :meth:`QueryEngine.query` on the real map.
 
@@ -36,9 +40,49 @@ sys.path.insert(0, str(REPO / "test"))
 from _core_fixtures import HOLOLENS, FixedTextEncoder, hololens_meta, label_segmentation, load_hololens  # noqa: E402
 
 from langgs_ros.fusion import SemanticGaussianMap  # noqa: E402
-from langgs_ros.gaussians import gaussians_from_depth  # noqa: E402
+from langgs_ros.gaussians import GaussianInitConfig, gaussians_from_depth  # noqa: E402
 from langgs_ros.query import QueryEngine  # noqa: E402
+from langgs_ros.sparsify import SparsifyConfig  # noqa: E402
 from langgs_ros.types import Gaussians, InstanceTable, MapSnapshot  # noqa: E402
+
+
+def import_open3d():
+    """open3d, or None when it is not installed. Its wheel links libusb-1.0, which slim images lack: the copy of
+    the ``libusb-package`` wheel (bench/requirements.txt) is loaded first when present."""
+    import ctypes
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("libusb_package")
+    if spec is not None and spec.origin:
+        lib = os.path.join(os.path.dirname(spec.origin), "libusb-1.0.so")
+        if os.path.exists(lib):
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    try:
+        import open3d
+    except ImportError:
+        return None
+    return open3d
+
+
+def open3d_integrate(o3d, frames, voxel_size: float, max_depth: float = 10.0) -> tuple[float, int]:
+    """Seconds to TSDF-integrate ``frames`` into a fresh Open3D ``VoxelBlockGrid`` (CPU), and its point count."""
+    o3c = o3d.core
+    vbg = o3d.t.geometry.VoxelBlockGrid(attr_names=("tsdf", "weight", "color"),
+                                        attr_dtypes=(o3c.float32, o3c.float32, o3c.float32),
+                                        attr_channels=((1), (1), (3)), voxel_size=voxel_size, block_resolution=8,
+                                        block_count=50000, device=o3c.Device("CPU:0"))
+    t0 = time.perf_counter()
+    for f in frames:
+        depth = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(f.depth, dtype=np.float32)))
+        color = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(f.rgb, dtype=np.float32) / 255.0))
+        K = o3c.Tensor(np.asarray(f.K, dtype=np.float64))
+        camera_from_world = o3c.Tensor(np.linalg.inv(np.asarray(f.pose, dtype=np.float64)))
+        blocks = vbg.compute_unique_block_coordinates(depth, K, camera_from_world, 1.0, max_depth)
+        vbg.integrate(blocks, depth, color, K, camera_from_world, 1.0, max_depth)
+    seconds = time.perf_counter() - t0
+    return seconds, len(vbg.extract_point_cloud().point.positions)
+
 
 GS3D_BYTES = 248  # 3DGS: xyz, normal, f_dc(3) + f_rest(45), opacity, scale(3), rot(4) as float32 = 62 floats
 
@@ -82,10 +126,13 @@ def main() -> None:
     names = {o["id"]: o["name"] for o in meta["objects"]}
     frames = load_hololens(range(args.frames))
     segs = [label_segmentation(f.labels, n_lab, names) for f in frames]
-    t0 = time.perf_counter()
-    gs = [gaussians_from_depth(f.depth, f.rgb, f.K, f.pose, instance_ids=s.instance_ids, device=dev)
-          for f, s in zip(frames, segs)]
-    t_init = time.perf_counter() - t0
+    inits = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        gs = [gaussians_from_depth(f.depth, f.rgb, f.K, f.pose, instance_ids=s.instance_ids, device=dev)
+              for f, s in zip(frames, segs)]
+        inits.append(time.perf_counter() - t0)
+    t_init = min(inits)
     n_in = sum(len(g) for g in gs)
     n_pix = sum(f.depth.size for f in frames)
 
@@ -127,6 +174,22 @@ def main() -> None:
     qe_real = QueryEngine(FixedTextEncoder(onehot, "onehot"))
     e2e = _lat(lambda: qe_real.query(snap, "sofa"), 20)
 
+    # The same with 2x2 pixel blocks averaged into one surfel (GaussianInitConfig.block = 2, node pixel_block).
+    blocked = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        gb = [gaussians_from_depth(f.depth, f.rgb, f.K, f.pose, instance_ids=s.instance_ids, device=dev,
+                                   config=GaussianInitConfig(block=2)) for f, s in zip(frames, segs)]
+        mb = SemanticGaussianMap("onehot", n_lab, up=meta["up"], device=dev)
+        t_init_b = time.perf_counter() - t0
+        blocked.append(t_init_b + _fuse(mb, frames, segs, gb, args.window))
+    o3d = import_open3d()
+    voxel = SparsifyConfig().base_voxel_size
+    peer = None
+    if o3d is not None:
+        runs = [open3d_integrate(o3d, frames, voxel) for _ in range(args.repeats)]
+        peer = (min(r[0] for r in runs), runs[0][1])
+
     def best(xs: list[float]) -> str:
         return f"{min(xs):.3f} s [{statistics.median(xs):.3f}]"
 
@@ -137,6 +200,13 @@ def main() -> None:
         ("gaussians_from_depth", f"{t_init:.3f} s = {n_in / t_init / 1e6:.2f} M/s", "(not in fuse rate)", ""),
         ("integrate, new area", best(first) + f" = {rate1 / 1e6:.2f} M/s", ">= 1 M/s", f"{rate1 / 1e6:.2f}x"),
         ("integrate, revisit", best(second) + f" = {rate2 / 1e6:.2f} M/s", ">= 1 M/s", f"{rate2 / 1e6:.2f}x"),
+        ("surfels + sparsify + fuse (new area)", f"{t_init + min(first):.3f} s", "<= Open3D's", ""),
+        ("same, pixel_block 2", f"{min(blocked):.3f} s ({mb.num_gaussians:,} map Gaussians)", "<= Open3D's", ""),
+        (f"Open3D {o3d.__version__ if o3d else ''} VoxelBlockGrid TSDF, {100 * voxel:g} cm",
+         f"{peer[0]:.3f} s ({peer[1]:,} surface points)" if peer else "open3d not installed "
+         "(pip install -r bench/requirements.txt)", "peer",
+         f"{peer[0] / (t_init + min(first)):.2f}x / {peer[0] / min(blocked):.2f}x (peer time / ours, block 1 / 2)"
+         if peer else ""),
         ("map Gaussians after 1 / 2 passes", f"{n1:,} / {m.num_gaussians:,} "
          f"(+{100 * (m.num_gaussians - n1) / max(n1, 1):.1f} %)", "< +5 %", ""),
         ("pixels per map Gaussian", f"{n_pix / m.num_gaussians:.1f}", ">= 20", f"{n_pix / m.num_gaussians / 20:.1f}x"),

@@ -57,6 +57,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from langgs_ros.frames import FrameBuffer, KeyframeConfig, WindowConfig
     from langgs_ros.persistence import save_map
     from langgs_ros.pipeline import MappingPipeline, PipelineConfig
+    from langgs_ros.refine import RefineConfig
 
     seq = open_sequence(args.rgbd, max_depth=args.max_depth)
     for line in seq.report:
@@ -85,6 +86,11 @@ def cmd_map(args: argparse.Namespace) -> int:
         cfg.semantic_args = {"preset": args.preset}
     if args.voxel_size:
         cfg.sparsify.base_voxel_size = args.voxel_size
+    if args.pixel_block < 1 or args.refine_steps < 0:
+        print("[langgs] error: --pixel-block must be >= 1 and --refine-steps >= 0", file=sys.stderr)
+        return 2
+    cfg.gaussians.block = args.pixel_block
+    cfg.refine = RefineConfig(steps=args.refine_steps)
     pipeline = MappingPipeline(cfg)
 
     buf = FrameBuffer(cfg.keyframes, cfg.window)
@@ -309,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--frames", help="python slice start:stop:step of frames to use")
     m.add_argument("--max-depth", type=float, default=10.0, help="m; farther depth is invalid")
     m.add_argument("--voxel-size", type=float, default=0.0, help="m; base voxel size (0 = default)")
+    m.add_argument("--pixel-block", type=int, default=1, help="b x b pixel blocks averaged into one surfel (1 = none)")
+    m.add_argument("--refine-steps", type=int, default=0,
+                   help="photometric refinement steps per window (langgs_ros.refine; 0 = off)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--report", metavar="DIR", help="also write top_down.png and last_view.png (pictures of the map)")

@@ -295,6 +295,73 @@ class SemanticGaussianMap:
             self._version += 1
             self._snapshot_cache = None
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Access for refinement (langgs_ros.refine)
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def gaussians_in_view(self, world_from_camera: torch.Tensor | np.ndarray, intrinsics: torch.Tensor | np.ndarray,
+                          width: int, height: int, max_gaussians: int | None = None
+                          ) -> tuple[torch.Tensor, Gaussians]:
+        """The Gaussians whose means lie in at least one of S views, in the map frame (copies).
+
+        Args:
+            world_from_camera: (S, 4, 4) camera-to-map poses (OpenCV axes), metres.
+            intrinsics: (S, 3, 3) pinhole K of the (height, width) images.
+            width, height: image size in pixels.
+            max_gaussians: keep at most this many, those inside the most views first (ties: lower row first).
+
+        Returns:
+            ``(rows, gaussians)``: (R,) int64 store rows (for :meth:`update_gaussians`) and R Gaussians (means,
+            quats, scales in the map frame; ``weights`` set) on the map's device.
+        """
+        from langgs_ros.gaussians import transform_gaussians
+        from langgs_ros.refine import view_counts
+
+        with self._lock:
+            g = self.store.gaussians(self.device)
+            identity = np.array_equal(self._map_from_store, np.eye(4))
+            if not identity:
+                g = transform_gaussians(g, self._map_from_store)
+            counts = view_counts(g.means, world_from_camera, intrinsics, width, height)
+            rows = torch.nonzero(counts > 0).squeeze(1)
+            if max_gaussians is not None and rows.numel() > max_gaussians:
+                order = torch.sort(counts[rows], descending=True, stable=True).indices[:max_gaussians]
+                rows = torch.sort(rows[order]).values
+            return rows, g.select(rows)
+
+    @torch.inference_mode()
+    def update_gaussians(self, rows: torch.Tensor, gaussians: Gaussians) -> None:
+        """Overwrite means, quats, scales, opacities and colours of store ``rows`` (e.g. after photometric
+        refinement); instance ids, merge weights, levels and voxel keys are kept. Instance centroids and boxes
+        are refitted.
+
+        Args:
+            rows: (R,) int64 rows from :meth:`gaussians_in_view` (the map must not have changed since).
+            gaussians: R Gaussians in the map frame.
+
+        Raises:
+            ValueError: length mismatch, rows out of range, or non-finite values (the map is unchanged).
+        """
+        from langgs_ros.gaussians import transform_gaussians
+
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
+        g = gaussians.to(self.device)
+        if len(g) != rows.numel():
+            raise ValueError(f"{rows.numel()} rows but {len(g)} Gaussians")
+        if not all(bool(torch.isfinite(t).all()) for t in (g.means, g.quats, g.scales, g.opacities, g.colors)):
+            raise ValueError("refined Gaussians contain non-finite values")
+        with self._lock:
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.store.num_gaussians):
+                raise ValueError("rows out of range")
+            if not np.array_equal(self._map_from_store, np.eye(4)):
+                g = transform_gaussians(g, np.linalg.inv(self._map_from_store))
+            old = self.store.rows_gaussians(rows)
+            self.store.write_rows(rows, Gaussians(g.means, g.quats, g.scales, g.opacities.clamp(0.0, 1.0),
+                                                  g.colors.clamp(0.0, 1.0), old.instance_ids, weights=old.weights))
+            self._update_instances_and_floor({int(i) for i in torch.unique(old.instance_ids).tolist() if i >= 0})
+            self._version += 1
+            self._snapshot_cache = None
+
     def memory_bytes(self) -> dict[str, float]:
         """Memory accounting.
 

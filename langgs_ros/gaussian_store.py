@@ -213,7 +213,9 @@ class GaussianStore:
         return Gaussians(self._means[rows], self._quats[rows], self._scales[rows], self._opac[rows],
                          self._colors[rows], self._inst[rows], weights=self._weights[rows])
 
-    def _write_rows(self, rows: torch.Tensor, g: Gaussians) -> None:
+    def write_rows(self, rows: torch.Tensor, g: Gaussians) -> None:
+        """Overwrite every field of ``rows`` (R,) int64 with the R Gaussians ``g`` (``weights`` set); keys, levels
+        and last-seen counters are kept."""
         self._means[rows] = g.means
         self._quats[rows] = g.quats
         self._scales[rows] = g.scales
@@ -264,7 +266,7 @@ class GaussianStore:
             merged = merge_by_inverse(both, both.weights, inv, int(rows.numel()),  # type: ignore[arg-type]
                                       self.sparsify_config.min_scale, self.sparsify_config.spread_gain,
                                       self.sparsify_config.opacity_evidence)
-            self._write_rows(rows, merged)
+            self.write_rows(rows, merged)
             self._seen[rows] = self.frame_counter
         miss = ~hit
         m = n - nh
@@ -272,7 +274,7 @@ class GaussianStore:
             M = self._M
             self._ensure_capacity(M + m)
             new_rows = torch.arange(M, M + m, device=dev)
-            self._write_rows(new_rows, g.select(miss))
+            self.write_rows(new_rows, g.select(miss))
             self._levels[new_rows] = levels[miss].to(torch.int8)
             self._seen[new_rows] = self.frame_counter
             self._M = M + m

@@ -18,6 +18,13 @@ of by a learned head:
   scale.
 - **opacity**: from the reconstruction confidence (rule in :class:`GaussianInitConfig`).
 - **colour**: the pixel's RGB in [0, 1].
+- **pixel blocks** (``block = b > 1``): each b×b block of (strided) pixels becomes one surfel before all of the
+  above: its *foreground* pixels (valid, depth within ``max_depth_jump`` of the block's nearest) are averaged —
+  depth, pixel position, colour, confidence — and the instance id is their most frequent one; the footprint is
+  ``√k · d / f`` for k foreground pixels (the same area as k pixel surfels), normals are formed on the block
+  grid. This is the first level of the moment-matching merge done in image space, where neighbours are known
+  (a b×b block of pixel surfels merges into about the surfel of a b-times larger pixel, see
+  :func:`langgs_ros.sparsify.merge_by_inverse`), and it divides the cost of everything downstream by b².
 
 Pixels with invalid depth (0, NaN, inf, outside ``[min_depth, max_depth]``) or confidence below
 ``min_confidence`` produce no Gaussian.
@@ -47,6 +54,8 @@ class GaussianInitConfig:
         min_depth: nearest valid depth, metres.
         max_depth: farthest valid depth, metres.
         stride: pixel subsampling (1 = every pixel, 2 = every other row/column, ...).
+        block: b×b blocks of (strided) pixels averaged into one surfel (1 = one surfel per pixel; see the
+            module docstring). ``normal_step`` and ``normal_window`` are then divided by b (at least 1).
         scale_factor: in-plane standard deviation as a multiple of the (strided) pixel footprint ``stride·d/f``.
             0.5 makes neighbouring Gaussians (one footprint apart) overlap at their 1σ contours.
         min_cos: lower bound on ``|cos θ|`` (ray vs normal) when stretching the footprint on oblique surfaces
@@ -70,6 +79,7 @@ class GaussianInitConfig:
     min_depth: float = 0.1
     max_depth: float = 10.0
     stride: int = 1
+    block: int = 1
     scale_factor: float = 0.5
     min_cos: float = 0.25
     thickness_ratio: float = 0.1
@@ -85,6 +95,8 @@ class GaussianInitConfig:
         """Raise ``ValueError`` on inconsistent settings."""
         if not (0 <= self.min_depth < self.max_depth):
             raise ValueError(f"need 0 <= min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
+        if self.block < 1:
+            raise ValueError(f"block must be >= 1, got {self.block}")
         if self.stride < 1 or self.normal_step < 1 or self.normal_window < self.normal_step:
             raise ValueError("need stride >= 1 and 1 <= normal_step <= normal_window")
         if self.scale_factor <= 0 or self.thickness_ratio <= 0 or not (0 < self.min_cos <= 1):
@@ -161,6 +173,53 @@ def _normals_from_points(points: torch.Tensor, valid: torch.Tensor, depth: torch
     return n / nn.clamp_min(1e-12)[..., None], ok
 
 
+def _average_blocks(dz: torch.Tensor, valid: torch.Tensor, u: torch.Tensor, v: torch.Tensor, col: torch.Tensor,
+                    conf: torch.Tensor | None, ids: torch.Tensor | None, b: int, max_jump: float, stride: int
+                    ) -> tuple[torch.Tensor, ...]:
+    """Average b×b pixel blocks over their foreground pixels (valid, depth ≤ (1 + max_jump) × the block's
+    nearest). Inputs (h, w[, 3]); outputs on the (ceil(h/b), ceil(w/b)) block grid: depth (0 where the block has
+    no valid pixel), valid, mean pixel u and v, colour, confidence (or None), most frequent instance id among
+    the foreground (or None), and the footprint ``stride·√k`` in full-resolution pixels for k foreground pixels."""
+    h, w = dz.shape
+    H, W = -(-h // b) * b, -(-w // b) * b
+
+    def blocks(t: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """(h, w, ...) -> (H/b, W/b, b*b, ...), padded with ``fill``."""
+        if (H, W) != (h, w):
+            pad = torch.full((H, W, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            pad[:h, :w] = t
+            t = pad
+        t = t.reshape(H // b, b, W // b, b, *t.shape[2:]).transpose(1, 2)
+        return t.reshape(H // b, W // b, b * b, *t.shape[4:])
+
+    d_b, ok_b = blocks(dz), blocks(valid, False)
+    nearest = torch.where(ok_b, d_b, torch.full_like(d_b, float("inf"))).amin(dim=-1, keepdim=True)
+    fg = ok_b & (d_b <= nearest * (1.0 + max_jump))
+    k = fg.sum(dim=-1)
+    wgt = fg.float() / k.clamp(min=1)[..., None]
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        x = blocks(t)
+        return (x * (wgt[..., None] if x.ndim == 4 else wgt)).sum(dim=2)
+
+    out_valid = k > 0
+    depth = torch.where(out_valid, mean(dz), torch.zeros_like(k, dtype=dz.dtype))
+    u_b, v_b = mean(u.contiguous()), mean(v.contiguous())
+    # Blocks without valid pixels keep their centre (never unprojected: depth 0).
+    u_b = torch.where(out_valid, u_b, blocks(u.contiguous())[..., 0])
+    v_b = torch.where(out_valid, v_b, blocks(v.contiguous())[..., 0])
+    col_b = mean(col)
+    conf_b = mean(conf) if conf is not None else None
+    ids_b = None
+    if ids is not None:
+        x = blocks(ids, NO_INSTANCE)  # (Hb, Wb, b*b)
+        votes = ((x[..., :, None] == x[..., None, :]) & fg[..., None, :]).sum(dim=-1)  # (Hb, Wb, b*b)
+        votes = torch.where(fg, votes, torch.full_like(votes, -1))
+        ids_b = torch.gather(x, 2, votes.argmax(dim=-1, keepdim=True))[..., 0]
+    foot = stride * k.float().sqrt()
+    return depth, out_valid, u_b, v_b, col_b, conf_b, ids_b, foot
+
+
 @torch.inference_mode()
 def gaussians_from_depth(
     depth: torch.Tensor | np.ndarray,
@@ -186,7 +245,8 @@ def gaussians_from_depth(
         device: where to compute and return; default: ``depth``'s device (CPU for numpy input).
 
     Returns:
-        :class:`~langgs_ros.types.Gaussians` with N = number of valid (strided) pixels, row-major pixel order,
+        :class:`~langgs_ros.types.Gaussians` with N = number of valid (strided) pixels or pixel blocks,
+        row-major order,
         float32 on ``device``; ``weights`` is ``None``.
 
     Raises:
@@ -237,15 +297,24 @@ def gaussians_from_depth(
         valid &= conf > 0
     dz = torch.where(valid, d, torch.zeros_like(d))
 
-    # Unprojection of pixel centres (integer coordinates of the full-resolution grid).
+    # Pixel centres (integer coordinates of the full-resolution grid).
     v_pix = (torch.arange(h, device=dev, dtype=torch.float32) * s)[:, None].expand(h, w)
     u_pix = (torch.arange(w, device=dev, dtype=torch.float32) * s)[None, :].expand(h, w)
+    footprint = torch.full((h, w), float(s), device=dev)  # in-plane extent in full-resolution pixels
+    normal_step, normal_window = cfg.normal_step, cfg.normal_window
+    if cfg.block > 1:
+        dz, valid, u_pix, v_pix, col, conf, ids, footprint = _average_blocks(
+            dz, valid, u_pix, v_pix, col, conf, ids, cfg.block, cfg.max_depth_jump, s)
+        h, w = dz.shape
+        normal_step = max(1, round(cfg.normal_step / cfg.block))
+        normal_window = max(normal_step, round(cfg.normal_window / cfg.block))
+
     y_n = (v_pix - cy) / fy
     x_n = (u_pix - cx - skew * y_n) / fx
     rays = torch.stack((x_n, y_n, torch.ones_like(x_n)), dim=-1)  # (h, w, 3), z = 1
     pts_c = rays * dz[..., None]
 
-    normals, n_ok = _normals_from_points(pts_c, valid, dz, cfg.normal_window, cfg.max_depth_jump, cfg.normal_step)
+    normals, n_ok = _normals_from_points(pts_c, valid, dz, normal_window, cfg.max_depth_jump, normal_step)
 
     # Flatten to the valid pixels.
     idx = valid.reshape(-1).nonzero().squeeze(1)
@@ -273,7 +342,7 @@ def gaussians_from_depth(
     quats = rotmat_to_quat(R_w)
 
     f = 0.5 * (fx + fy)
-    foot = cfg.scale_factor * s * P[:, 2] / f
+    foot = cfg.scale_factor * footprint.reshape(-1)[idx] * P[:, 2] / f
     stretch = 1.0 / cos.clamp_min(cfg.min_cos)
     scales = torch.stack((foot * stretch, foot, foot * cfg.thickness_ratio), dim=-1)
 

@@ -27,6 +27,7 @@ from langgs_ros.gaussians import GaussianInitConfig, gaussians_from_window
 from langgs_ros.query import QueryConfig, QueryEngine
 from langgs_ros.reconstruction.alignment import frame_key
 from langgs_ros.reconstruction.base import Reconstructor, make_reconstructor
+from langgs_ros.refine import RefineConfig, refine_window
 from langgs_ros.semantics.base import SemanticSource, make_semantic_source
 from langgs_ros.sparsify import SparsifyConfig
 from langgs_ros.types import Frame, MapSnapshot, WindowReconstruction
@@ -67,6 +68,8 @@ class PipelineConfig:
         semantic_source: "labels" or "clip_sam"; ``semantic_args`` its keyword arguments.
         up: gravity-up unit vector of the map frame (``[0, 0, 1]`` for a REP-103 ``map``).
         unposed: :class:`UnposedConfig` (feedforward backend only; ``backend_args`` entries take precedence).
+        refine: :class:`~langgs_ros.refine.RefineConfig`: optional photometric refinement of each fused window's
+            Gaussians against its frames (off: ``steps == 0``, the default).
     """
 
     device: str = "cpu"
@@ -82,6 +85,7 @@ class PipelineConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     up: tuple[float, float, float] = (0.0, 0.0, 1.0)
     unposed: UnposedConfig = field(default_factory=UnposedConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 @dataclass
@@ -98,11 +102,15 @@ class WindowStats:
     t_fuse: float
     num_fused_frames: int = -1
     """Frames segmented and fused (the window's frames minus those already fused, e.g. the overlap)."""
+    t_refine: float = 0.0
+    """Photometric refinement time, seconds (0 when off)."""
+    refine_steps: int = 0
+    """Refinement steps taken (bounded by ``refine.steps`` and ``refine.max_seconds``)."""
 
     @property
     def t_total(self) -> float:
         """Sum of the stage times, seconds."""
-        return self.t_reconstruct + self.t_semantics + self.t_gaussians + self.t_fuse
+        return self.t_reconstruct + self.t_semantics + self.t_gaussians + self.t_fuse + self.t_refine
 
 
 class MappingPipeline:
@@ -140,7 +148,8 @@ class MappingPipeline:
         self.map_corrections = 0  # similarity corrections of the whole map (re-levelled unposed maps)
 
     def process_window(self, frames: Sequence[Frame]) -> WindowStats:
-        """Reconstruct, lift, sparsify and fuse one window into the map.
+        """Reconstruct, lift, sparsify and fuse one window into the map (then refine it photometrically when
+        ``config.refine.steps > 0``, :func:`~langgs_ros.refine.refine_window`).
 
         The whole window is reconstructed (its overlap frames register it), but frames already fused by an
         earlier window (same ``frame_id`` and stamp, e.g. the overlap carried by the frame buffer) are neither
@@ -177,8 +186,10 @@ class MappingPipeline:
             else:
                 t2 = t3 = time.perf_counter()
             t4 = time.perf_counter()
+        refined = refine_window(self.map, rec, self.config.refine) if new and self.config.refine.steps else None
         return WindowStats(len(frames), n_pix, self.map.num_gaussians, self.map.num_instances,
-                           t1 - t0, t2 - t1, t3 - t2, t4 - t3, num_fused_frames=len(new))
+                           t1 - t0, t2 - t1, t3 - t2, t4 - t3, num_fused_frames=len(new),
+                           t_refine=refined.seconds if refined else 0.0, refine_steps=refined.steps if refined else 0)
 
     def _move_map(self, new_from_old: np.ndarray) -> None:
         """Apply a backend's map correction (a similarity: a re-levelled, re-scaled unposed map) to everything

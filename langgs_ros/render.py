@@ -56,14 +56,17 @@ import torch
 from langgs_ros.types import NO_INSTANCE, Gaussians
 
 __all__ = [
+    "ALPHA_MAX",
     "ALPHA_MIN",
     "INSTANCE_CLASS_CHUNK",
     "TILE_SIZE",
     "TRANSMITTANCE_MIN",
+    "ProjectedGaussians",
     "RenderOutput",
     "gsplat_cuda_available",
     "project_gaussians",
     "render_gaussians",
+    "tile_pairs",
 ]
 
 TILE_SIZE = 16
@@ -237,7 +240,7 @@ def project_gaussians(gaussians: Gaussians, camera_from_world: torch.Tensor, K_g
     return ProjectedGaussians(*cols)
 
 
-def _tile_pairs(p: ProjectedGaussians, tiles_x: int, tiles_y: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_pairs(p: ProjectedGaussians, tiles_x: int, tiles_y: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All (tile, Gaussian) overlaps, sorted by tile and then front to back.
 
     Returns:
@@ -301,7 +304,7 @@ def _composite_torch(p: ProjectedGaussians, values: torch.Tensor, classes: torch
     trans = torch.ones(n_tiles, P, device=dev)
     best = torch.full((n_tiles, P), -1, dtype=torch.int64, device=dev) if classes is not None else None
 
-    tile_ids, gauss = _tile_pairs(p, tiles_x, tiles_y)
+    tile_ids, gauss = tile_pairs(p, tiles_x, tiles_y)
     if len(tile_ids):
         counts = torch.bincount(tile_ids, minlength=n_tiles)
         starts = torch.cumsum(counts, 0) - counts

@@ -155,6 +155,78 @@ def test_stride_float_rgb_and_instance_ids() -> None:
     assert torch.allclose(g.scales[:, 1], torch.full((len(g),), 0.5 * 2 * 2.0 / f))
 
 
+def test_pixel_blocks_average_their_foreground_pixels() -> None:
+    """block = 2: one surfel per 2x2 block, averaged over the block's foreground (nearest-depth) pixels, the
+    majority instance id, a footprint of sqrt(k) pixels; on a plane, the means stay on the plane."""
+    n_cam = np.array([0.3, -0.2, -1.0])
+    n_cam /= np.linalg.norm(n_cam)
+    depth = _plane_depth(n_cam, -2.0)
+    depth[10:20, 10:20] = 0.8  # a box in front: its edge at row/col 10 and 20 falls on block boundaries
+    depth[31, 41] = 0.0  # one invalid pixel: its block keeps 3
+    rgb = _rgb()
+    ids = np.full((H, W), -1, np.int32)
+    ids[:, 61:] = 5  # column 61 splits block column 30 (60, 61): one pixel of 5 per row, majority -1 needs a tie
+    ids[:, 62:] = 5
+    T = _pose(6)
+    g = gaussians_from_depth(depth, rgb, K, T, instance_ids=ids, config=GaussianInitConfig(block=2, max_depth=20))
+    assert len(g) == (H // 2) * (W // 2)
+    f = 0.5 * (K[0, 0] + K[1, 1])
+    # Block (15, 20) = pixels (30..31, 40..41): three valid pixels, their mean depth and colour.
+    b = 15 * (W // 2) + 20
+    px = [(30, 40), (30, 41), (31, 40)]
+    z = np.mean([depth[p] for p in px])
+    cam = (g.means[b].double().numpy() - T[:3, 3]) @ T[:3, :3]
+    np.testing.assert_allclose(cam[2], z, rtol=1e-5)
+    uv = cam[:2] / cam[2] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
+    np.testing.assert_allclose(uv, [np.mean([p[1] for p in px]), np.mean([p[0] for p in px])], atol=2e-2)
+    np.testing.assert_allclose(g.colors[b].numpy(), np.mean([rgb[p] for p in px], 0) / 255.0, atol=1e-5)
+    assert float(g.scales[b, 1]) == pytest.approx(0.5 * math.sqrt(3) * z / f, rel=1e-3)
+    # A full block: footprint of 2 pixels; every mean on the plane n·X = -2 (camera frame).
+    full = 5 * (W // 2) + 50
+    z_full = depth[10:12, 100:102].mean()
+    assert float(g.scales[full, 1]) == pytest.approx(0.5 * 2 * z_full / f, rel=1e-3)
+    cam_all = (g.means.double().numpy() - T[:3, 3]) @ T[:3, :3]
+    on_box = (cam_all[:, 2] < 0.9)
+    assert on_box.sum() == 25  # the 10x10 box is 5x5 blocks
+    np.testing.assert_allclose(cam_all[~on_box] @ n_cam, -2.0, atol=1e-4)
+    # Instance ids: the block column 31 (pixels 62, 63) is all 5, column 30 (60, 61) is a tie resolved to the
+    # first pixel's id; never a mix of the two.
+    cols = np.arange(len(g)) % (W // 2)
+    assert set(g.instance_ids[torch.from_numpy(cols >= 31)].tolist()) == {5}
+    assert set(g.instance_ids[torch.from_numpy(cols < 30)].tolist()) == {-1}
+
+
+def test_pixel_blocks_keep_the_nearest_surface_at_a_discontinuity() -> None:
+    depth = np.full((H, W), 3.0, np.float32)
+    depth[:, 81:] = 1.0  # the near surface starts mid-block (block column 40 = pixels 80, 81)
+    g = gaussians_from_depth(depth, _rgb(), K, np.eye(4), config=GaussianInitConfig(block=2))
+    z = g.means[:, 2].reshape(H // 2, W // 2)
+    assert torch.all(z[:, 40] == 1.0)  # foreground pixels (column 81) only, not an average with the 3 m wall
+    assert torch.all(z[:, :40] == 3.0) and torch.all(z[:, 41:] == 1.0)
+    f = 0.5 * (K[0, 0] + K[1, 1])
+    torch.testing.assert_close(g.scales[:, 1].reshape(H // 2, W // 2)[:, 40],
+                               torch.full((H // 2,), 0.5 * math.sqrt(2) * 1.0 / f))  # k = 2 foreground pixels
+
+
+def test_a_pixel_block_surfel_is_the_merge_of_its_pixel_surfels() -> None:
+    """The image-space block average is the first level of the fusion merge: its in-plane scales match the
+    moment-matching merge (spread gain 3) of the block's pixel surfels."""
+    from langgs_ros.sparsify import merge_by_inverse, merge_weights
+
+    depth = np.full((H, W), 2.0, np.float32)
+    pix = gaussians_from_depth(depth, _rgb(), K, np.eye(4))
+    blk = gaussians_from_depth(depth, _rgb(), K, np.eye(4), config=GaussianInitConfig(block=2))
+    v, u = np.mgrid[0:H, 0:W]
+    inverse = torch.from_numpy(((v // 2) * (W // 2) + u // 2).reshape(-1))
+    merged = merge_by_inverse(pix, merge_weights(pix), inverse, len(blk), min_scale=1e-6, spread_gain=3.0)
+    # The merge weights pixels by footprint area (larger off-axis); the block average does not: sub-mm apart.
+    torch.testing.assert_close(merged.means, blk.means, atol=5e-4, rtol=0)
+    torch.testing.assert_close(merged.colors, blk.colors, atol=2e-3, rtol=0)
+    in_plane = torch.sort(merged.scales, dim=1).values[:, 1:]
+    ref = torch.sort(blk.scales, dim=1).values[:, 1:]
+    torch.testing.assert_close(in_plane, ref, rtol=0.03, atol=0)  # fx != fy: 3 % anisotropy
+
+
 def test_bad_inputs_raise() -> None:
     depth = np.ones((H, W), np.float32)
     with pytest.raises(ValueError, match="rgb"):

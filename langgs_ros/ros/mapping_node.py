@@ -419,6 +419,7 @@ class MappingNode(LifecycleNode):
     def _pipeline_config(self, p: dict[str, Any]):
         from langgs_ros.frames import KeyframeConfig, WindowConfig
         from langgs_ros.pipeline import PipelineConfig, UnposedConfig
+        from langgs_ros.refine import RefineConfig
 
         cfg = PipelineConfig(device=resolve_device(p["device"]), backend=self.backend,
                              semantic_source=self.semantic_source)
@@ -429,7 +430,10 @@ class MappingNode(LifecycleNode):
         )
         cfg.fusion.max_gaussians = int(p["max_gaussians"])
         cfg.sparsify.base_voxel_size = float(p["voxel_size"])
+        cfg.gaussians.block = int(p["pixel_block"])
         cfg.query.top_k = int(p["query.top_k"])
+        cfg.refine = RefineConfig(steps=int(p["refine.steps"]), max_seconds=float(p["refine.max_seconds"]),
+                                  downscale=int(p["refine.downscale"]))
         cfg.query.min_score = float(p["query.min_score"])
         if self.backend == "rgbd":
             cfg.backend_args = {"max_depth": float(p["max_depth"])}
@@ -462,7 +466,8 @@ class MappingNode(LifecycleNode):
         self.get_logger().info(
             f"window {w.processed_windows}: {stats.num_frames} frames in {stats.t_total:.2f} s "
             f"(reconstruct {stats.t_reconstruct:.2f}, semantics {stats.t_semantics:.2f}, "
-            f"gaussians {stats.t_gaussians:.2f}, fuse {stats.t_fuse:.2f}); map {stats.num_map_gaussians} "
+            f"gaussians {stats.t_gaussians:.2f}, fuse {stats.t_fuse:.2f}, refine {stats.t_refine:.2f}); "
+            f"map {stats.num_map_gaussians} "
             f"Gaussians, {stats.num_instances} instances; dropped windows {w.dropped_windows}")
 
     # ------------------------------------------------------------------------------------------ inputs
@@ -645,7 +650,8 @@ class MappingNode(LifecycleNode):
             if st is not None:
                 values.update({"t_reconstruct_s": round(st.t_reconstruct, 4),
                                "t_semantics_s": round(st.t_semantics, 4),
-                               "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4)})
+                               "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4),
+                               "t_refine_s": round(st.t_refine, 4), "refine_steps": st.refine_steps})
             if w.dropped_windows:
                 level, message = DiagnosticStatus.WARN, "dropping windows"
         if self.sync is not None:

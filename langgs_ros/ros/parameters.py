@@ -89,6 +89,8 @@ PARAMETERS: dict[str, ParamSpec] = {
     "max_gaussians": ParamSpec(2_000_000, "Bound of the map's Gaussian count (eviction policy: see fusion docs).",
                                range=(1, INT_MAX)),
     "voxel_size": ParamSpec(0.02, "m; base voxel size of the geometric sparsification.", range=(1e-4, 10.0)),
+    "pixel_block": ParamSpec(1, "b x b pixel blocks averaged into one surfel before fusion (1 = one per pixel; 2 "
+                                "halves surfel creation and fusion time).", range=(1, 16)),
     # ------------------------------------------------------------------ queues
     "queue.max_frames": ParamSpec(30, "Frames waiting for the worker; oldest dropped (counted) beyond.",
                                   range=(1, 10_000)),
@@ -152,6 +154,12 @@ PARAMETERS: dict[str, ParamSpec] = {
     "unposed.relevel_every": ParamSpec(4, "Re-estimate the unposed map's floor, up and scale on all its keyframes "
                                           "every N windows (and at windows 2 and 4), moving the map when they "
                                           "change; 0 = keep the first window's estimate.", range=(0, 10000)),
+    # ------------------------------------------------------------------ photometric refinement (langgs_ros.refine)
+    "refine.steps": ParamSpec(0, "Adam steps of photometric refinement per fused window (colour, opacity, scale, "
+                                 "mean against the window's frames; gsplat on CUDA); 0 = off.", range=(0, 100_000)),
+    "refine.max_seconds": ParamSpec(2.0, "s; wall-clock bound of one window's refinement.", range=(0.01, 3600.0)),
+    "refine.downscale": ParamSpec(1, "Refine on images down-scaled by this integer factor (cost ~ pixels).",
+                                  range=(1, 16)),
 }
 
 
