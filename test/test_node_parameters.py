@@ -77,3 +77,39 @@ def test_guard_catches_answers_counts_and_throttles() -> None:
     h.warn("image", "bad image")
     h.warn("image", "bad image")
     assert h.warnings["image"] == 2 and len([x for x in log.lines if x[0] == "warning"]) == 1
+
+
+def test_every_clip_sam_knob_is_a_node_parameter_and_reaches_the_source() -> None:
+    """Each ClipSamConfig field (but the device, the tiny preset's seed and world_up, which come from the node) is
+    a ``semantic.<name>`` parameter with the same default, and the node's pipeline config carries a changed value
+    of each into the clip_sam source's config."""
+    from dataclasses import fields, replace
+    from types import SimpleNamespace
+
+    from langgs_ros.ros.mapping_node import MappingNode
+    from langgs_ros.semantics.clip_sam import ClipSamConfig
+
+    defaults = ClipSamConfig()
+    knobs = [f.name for f in fields(ClipSamConfig) if f.name not in ("device", "seed", "world_up")]
+    for name in knobs:
+        spec = PARAMETERS.get(f"semantic.{name}")
+        assert spec is not None, name
+        want = getattr(defaults, name)
+        got = spec.default
+        if isinstance(want, tuple):
+            assert tuple(got) == want, name
+        else:
+            assert (got or None) == want if want is None else got == want, (name, got, want)
+    params = {n: s.default for n, s in PARAMETERS.items()}
+    changed = {"points_per_batch": 32, "pred_iou_thresh": 0.8, "max_masks": 7, "precision": "fp16", "stuff": "drop",
+               "mask_levels": ["subpart"], "crop_contexts": [0.2], "subtract_smaller": False, "min_pixels": 9,
+               "stuff_floor_below": 0.5, "batch_size": 4, "clip_checkpoint": "/x/clip.bin"}
+    params.update({f"semantic.{k}": v for k, v in changed.items()})
+    params["device"] = "cpu"
+    node = SimpleNamespace(backend="rgbd", semantic_source="clip_sam", label_names=None)
+    cfg = MappingNode._pipeline_config(node, params)
+    built = replace(ClipSamConfig(), **cfg.semantic_args)
+    for k, v in changed.items():
+        assert getattr(built, k) == (tuple(v) if isinstance(v, list) else v), k
+    assert validate("semantic.mask_levels", ["part", "bogus"]) is not None
+    assert validate("semantic.crop_contexts", [-1.0]) is not None

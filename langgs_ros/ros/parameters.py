@@ -134,6 +134,46 @@ PARAMETERS: dict[str, ParamSpec] = {
                                           range=(1, 256)),
     "semantic.preset": ParamSpec("full", "full (real weights) or tiny (random-init test models).",
                                  choices=("full", "tiny")),
+    "semantic.points_per_batch": ParamSpec(64, "SAM prompts per decoder batch.", range=(1, 4096)),
+    "semantic.pred_iou_thresh": ParamSpec(0.88, "SAM mask filter: predicted IoU at least this.", range=(0.0, 1.0)),
+    "semantic.stability_score_thresh": ParamSpec(0.95, "SAM mask filter: stability score at least this.",
+                                                       range=(0.0, 1.0)),
+    "semantic.box_nms_thresh": ParamSpec(0.7, "SAM box NMS IoU threshold (within each mask level).", range=(0.0, 1.0)),
+    "semantic.min_mask_region_area": ParamSpec(0, "px; SAM removes holes and islands smaller than this (0 = off).",
+                                                  range=(0, 10_000_000)),
+    "semantic.crop_n_layers": ParamSpec(0, "SAM extra image-crop layers (0 = whole image only).", range=(0, 4)),
+    "semantic.mask_levels": ParamSpec(["whole", "part"], "SAM multimask levels kept: a subset of whole, part, "
+                                                         "subpart."),
+    "semantic.clip_checkpoint": ParamSpec("", "open_clip weights file; empty = the pretrained tag's cache."),
+    "semantic.precision": ParamSpec("auto", "Autocast dtype of SAM and CLIP (auto: bf16, else fp16 on CUDA; fp32 "
+                                            "on CPU).", choices=("auto", "fp32", "fp16", "bf16")),
+    "semantic.crop_contexts": ParamSpec([0.1, 0.4, 1.0], "Multi-crop CLIP feature: one crop per value, the mask box "
+                                                         "grown by that fraction of its larger side; embeddings "
+                                                         "averaged."),
+    "semantic.background_keep": ParamSpec(0.3, "Weight of the original pixels outside the mask in a crop (rest: CLIP "
+                                               "mean colour).", range=(0.0, 1.0)),
+    "semantic.subtract_smaller": ParamSpec(True, "Crops show only the mask's own visible pixels (smaller masks over it "
+                                                 "greyed)."),
+    "semantic.batch_size": ParamSpec(32, "Crops per CLIP forward pass (all frames of a window batched).",
+                                         range=(1, 4096)),
+    "semantic.max_masks": ParamSpec(100, "Most instances per frame (largest visible area kept).", range=(0, 10_000)),
+    "semantic.min_pixels": ParamSpec(50, "px; smallest visible area of an instance.", range=(1, 10_000_000)),
+    "semantic.overlap": ParamSpec("area", "Overlapping masks: area (smaller overwrite larger) or iou (higher predicted "
+                                          "IoU wins).", choices=("area", "iou")),
+    "semantic.stuff": ParamSpec("label", "Large planar masks: label (wall / floor / ceiling instances), drop (no "
+                                         "instance) or keep (as objects).", choices=("label", "drop", "keep")),
+    "semantic.stuff_min_area": ParamSpec(0.08, "Fraction of the image a mask must cover to be tested as stuff.",
+                                               range=(0.0, 1.0)),
+    "semantic.stuff_inlier_distance": ParamSpec(0.03, "m; plane-fit inlier distance of a stuff mask.",
+                                                      range=(0.0, 10.0)),
+    "semantic.stuff_inlier_fraction": ParamSpec(0.85, "Fraction of a mask's points within the inlier distance to be "
+                                                      "planar.", range=(0.0, 1.0)),
+    "semantic.stuff_normal_cos": ParamSpec(0.9, "|n . up| at least this: horizontal (floor / ceiling); at most "
+                                                "sqrt(1 - this^2): vertical (wall).", range=(0.0, 1.0)),
+    "semantic.stuff_floor_below": ParamSpec(0.9, "m below the camera for a horizontal plane to be floor.",
+                                                 range=(0.0, 100.0)),
+    "semantic.stuff_ceiling_above": ParamSpec(0.5, "m above the camera for a horizontal plane to be ceiling.",
+                                                   range=(0.0, 100.0)),
     "feedforward.preset": ParamSpec("vggt_1b", "VGGT preset: vggt_1b (released weights) or tiny.",
                                     choices=("vggt_1b", "tiny")),
     "feedforward.weights": ParamSpec("", "VGGT checkpoint path or Hugging Face repo id; empty = default repo."),
@@ -161,6 +201,14 @@ PARAMETERS: dict[str, ParamSpec] = {
     "refine.downscale": ParamSpec(1, "Refine on images down-scaled by this integer factor (cost ~ pixels).",
                                   range=(1, 16)),
 }
+
+
+CLIP_SAM_SCALARS = ("points_per_batch", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
+                    "min_mask_region_area", "crop_n_layers", "precision", "background_keep", "subtract_smaller",
+                    "batch_size", "max_masks", "min_pixels", "overlap", "stuff", "stuff_min_area",
+                    "stuff_inlier_distance", "stuff_inlier_fraction", "stuff_normal_cos", "stuff_floor_below",
+                    "stuff_ceiling_above")
+"""``semantic.<name>`` parameters passed unchanged to :class:`~langgs_ros.semantics.clip_sam.ClipSamConfig`."""
 
 
 def descriptor(name: str, spec: ParamSpec):
@@ -212,6 +260,14 @@ def validate(name: str, value: Any, current: dict[str, Any] | None = None) -> st
         vals = list(value)
         if len(vals) != 3 or not all(math.isfinite(float(x)) for x in vals):
             return f"{name} must be 3 finite numbers; got {vals}"
+    if name == "semantic.mask_levels":
+        levels = [str(x) for x in value]
+        if not levels or any(x not in ("whole", "part", "subpart") for x in levels) or len(set(levels)) < len(levels):
+            return f"semantic.mask_levels must be distinct values of whole, part, subpart; got {levels}"
+    if name == "semantic.crop_contexts":
+        vals = [float(x) for x in value]
+        if not vals or any(not math.isfinite(x) or x < 0 for x in vals):
+            return f"semantic.crop_contexts must be finite values >= 0; got {vals}"
     if current is not None and name in ("window.size", "window.overlap"):
         size = value if name == "window.size" else current.get("window.size", 8)
         overlap = value if name == "window.overlap" else current.get("window.overlap", 2)
