@@ -120,16 +120,6 @@ def _normalize(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``out[y, x] = t[y + dy, x + dx]`` with zero padding outside (t: (H, W, ...))."""
-    H, W = t.shape[:2]
-    out = torch.zeros_like(t)
-    ys, yd = (slice(dy, H), slice(0, H - dy)) if dy >= 0 else (slice(0, H + dy), slice(-dy, H))
-    xs, xd = (slice(dx, W), slice(0, W - dx)) if dx >= 0 else (slice(0, W + dx), slice(-dx, W))
-    out[yd, xd] = t[ys, xs]
-    return out
-
-
 def _normals_from_points(points: torch.Tensor, valid: torch.Tensor, depth: torch.Tensor, k: int,
                          max_jump: float, base: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel normals from a camera-frame point map (not yet oriented); ``k`` = neighbour search range.
@@ -141,16 +131,23 @@ def _normals_from_points(points: torch.Tensor, valid: torch.Tensor, depth: torch
         ``(normals (H, W, 3) unit, ok (H, W) bool)``; ``ok`` is False where no tangent pair could be formed.
     """
 
+    # Pad once; every shifted neighbour map is then a view (no per-shift allocation).
+    r = max(k, base)
+    H, W = depth.shape
+    pts_pad = F.pad(points.permute(2, 0, 1), (r, r, r, r)).permute(1, 2, 0)
+    dep_pad = F.pad(depth, (r, r, r, r))
+    val_pad = F.pad(valid.to(torch.uint8), (r, r, r, r)).bool()
+    tol = max_jump * depth
+
     def neighbour(dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """First valid neighbour in direction (dy, dx) at steps ``base..k`` then ``base-1..1`` pixels, not
         across a discontinuity."""
         p_out = torch.zeros_like(points)
         v_out = torch.zeros_like(valid)
         for step in [*range(base, k + 1), *range(min(base, k + 1) - 1, 0, -1)]:
-            p = _shift(points, dy * step, dx * step)
-            d = _shift(depth, dy * step, dx * step)
-            v = _shift(valid, dy * step, dx * step) & ((d - depth).abs() <= max_jump * depth) & ~v_out
-            p_out = torch.where(v[..., None], p, p_out)
+            ys, xs = slice(r + dy * step, r + dy * step + H), slice(r + dx * step, r + dx * step + W)
+            v = val_pad[ys, xs] & ((dep_pad[ys, xs] - depth).abs() <= tol) & ~v_out
+            p_out = torch.where(v[..., None], pts_pad[ys, xs], p_out)
             v_out |= v
         return p_out, v_out
 
