@@ -106,6 +106,8 @@ class WindowStats:
     """Photometric refinement time, seconds (0 when off)."""
     refine_steps: int = 0
     """Refinement steps taken (bounded by ``refine.steps`` and ``refine.max_seconds``)."""
+    refine_skipped: str = ""
+    """Why the refinement was not written back ("diverged", "out of memory"; "" when applied or off)."""
 
     @property
     def t_total(self) -> float:
@@ -189,7 +191,8 @@ class MappingPipeline:
         refined = refine_window(self.map, rec, self.config.refine) if new and self.config.refine.steps else None
         return WindowStats(len(frames), n_pix, self.map.num_gaussians, self.map.num_instances,
                            t1 - t0, t2 - t1, t3 - t2, t4 - t3, num_fused_frames=len(new),
-                           t_refine=refined.seconds if refined else 0.0, refine_steps=refined.steps if refined else 0)
+                           t_refine=refined.seconds if refined else 0.0, refine_steps=refined.steps if refined else 0,
+                           refine_skipped=refined.skipped if refined else "")
 
     def _move_map(self, new_from_old: np.ndarray) -> None:
         """Apply a backend's map correction (a similarity: a re-levelled, re-scaled unposed map) to everything

@@ -95,6 +95,8 @@ class RefineStats:
         gaussians: Gaussians optimised.
         loss_first: mean loss of the first pass over the frames (first ``S`` steps).
         loss_last: mean loss of the last pass over the frames.
+        skipped: why nothing was written back ("" when the refinement was applied): ``"diverged"`` (a
+            non-finite loss or parameter: the input is returned unchanged) or ``"out of memory"``.
     """
 
     steps: int = 0
@@ -102,6 +104,7 @@ class RefineStats:
     gaussians: int = 0
     loss_first: float = float("nan")
     loss_last: float = float("nan")
+    skipped: str = ""
 
 
 def _downscale(images: torch.Tensor, depths: torch.Tensor, intrinsics: torch.Tensor,
@@ -144,7 +147,8 @@ def refine_gaussians(
 
     Returns:
         ``(refined, stats)``: new :class:`~langgs_ros.types.Gaussians` (same order, instance ids and weights as
-        the input; detached tensors) and :class:`RefineStats`.
+        the input; detached tensors) and :class:`RefineStats`. If the optimisation diverges (a non-finite loss or
+        parameter) the input itself is returned and ``stats.skipped == "diverged"``.
 
     Raises:
         ValueError: inconsistent shapes or non-finite inputs.
@@ -205,6 +209,9 @@ def refine_gaussians(
             dm = v & (out.alpha > 0.5)
             if config.depth_weight > 0 and bool(dm.any()):
                 loss = loss + config.depth_weight * (out.depth[dm] - deps[i][dm]).abs().mean()
+            if not bool(torch.isfinite(loss)):
+                stats.skipped = "diverged"
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -226,7 +233,12 @@ def refine_gaussians(
         refined = Gaussians(means.detach().clone(), q, log_scales.detach().exp(),
                             torch.sigmoid(logit_op.detach()), colors.detach().clone(), gaussians.instance_ids.clone(),
                             weights=None if gaussians.weights is None else gaussians.weights.clone())
+        finite = all(bool(torch.isfinite(t).all()) for t in (refined.means, refined.quats, refined.scales,
+                                                               refined.opacities, refined.colors))
     stats.seconds = time.perf_counter() - t0
+    if stats.skipped or not finite:
+        stats.skipped = "diverged"
+        return gaussians, stats
     return refined, stats
 
 
@@ -280,7 +292,8 @@ def refine_window(gaussian_map: SemanticGaussianMap, rec: WindowReconstruction, 
         backend: rasteriser backend (:func:`~langgs_ros.diff_render.rasterize`).
 
     Returns:
-        :class:`RefineStats`.
+        :class:`RefineStats`; a diverged or out-of-memory refinement leaves the map as fused (``skipped`` says
+        which), it never raises for it.
     """
     if config.steps == 0 or len(rec) == 0:
         return RefineStats()
@@ -297,8 +310,13 @@ def refine_window(gaussian_map: SemanticGaussianMap, rec: WindowReconstruction, 
             rgb = F.interpolate(rgb.permute(2, 0, 1)[None], size=(H, W), mode="bilinear",
                                 align_corners=False)[0].permute(1, 2, 0)
         imgs.append(rgb)
-    refined, stats = refine_gaussians(g, torch.stack(imgs), rec.depth.to(dev), rec.world_from_camera.to(dev),
-                                      rec.intrinsics.to(dev), config, backend=backend)
-    if stats.steps:
+    try:
+        refined, stats = refine_gaussians(g, torch.stack(imgs), rec.depth.to(dev), rec.world_from_camera.to(dev),
+                                          rec.intrinsics.to(dev), config, backend=backend)
+    except torch.OutOfMemoryError:  # the window is fused already; it just stays unrefined
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return RefineStats(gaussians=len(rows), skipped="out of memory")
+    if stats.steps and not stats.skipped:
         gaussian_map.update_gaussians(rows, refined)
     return stats

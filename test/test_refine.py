@@ -237,3 +237,14 @@ def test_pipeline_refines_a_real_window_in_place() -> None:
     assert len(rows2) == 10
     with pytest.raises(ValueError):
         m.update_gaussians(rows[:3], g)
+
+
+def test_a_diverging_refinement_returns_its_input() -> None:
+    """A learning rate that blows the parameters up (non-finite loss) is caught: the input comes back unchanged
+    and the stats say so (the map then keeps the fused window as it was)."""
+    g = _scene(30, 7)
+    img = render_gaussians(g, np.eye(4), K_SMALL.numpy(), W_SMALL, H_SMALL, backend="torch", render_instances=False)
+    cfg = RefineConfig(steps=30, max_seconds=600.0, lr_scales=1e6, lr_means=0.0, max_mean_shift=0.0)
+    out, stats = refine_gaussians(g, img.rgb[None], img.depth[None], np.eye(4)[None], K_SMALL.numpy()[None], cfg)
+    assert stats.skipped == "diverged"
+    assert out is g

@@ -656,7 +656,8 @@ class MappingNode(LifecycleNode):
                 values.update({"t_reconstruct_s": round(st.t_reconstruct, 4),
                                "t_semantics_s": round(st.t_semantics, 4),
                                "t_gaussians_s": round(st.t_gaussians, 4), "t_fuse_s": round(st.t_fuse, 4),
-                               "t_refine_s": round(st.t_refine, 4), "refine_steps": st.refine_steps})
+                               "t_refine_s": round(st.t_refine, 4), "refine_steps": st.refine_steps,
+                               "refine_skipped": st.refine_skipped or "no"})
             if w.dropped_windows:
                 level, message = DiagnosticStatus.WARN, "dropping windows"
         if self.sync is not None:
