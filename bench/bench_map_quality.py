@@ -14,7 +14,8 @@ intrinsics, and compared with the frame on its valid-depth pixels (8-bit PSNR, m
     bound of the same views (every mapped frame's valid pixels re-projected with the ground-truth poses, nearest
     wins; black where nothing lands, like the map's background), the median error of the rendered depth against
     the sensor's at the left-out views, the Gaussian count and bytes per Gaussian — the geometry–semantic levels
-    against the distance-only method at equal Gaussian budgets, a sweep of budgets (a Pareto table).
+    against the distance-only method at equal Gaussian budgets, a sweep of budgets (a Pareto table), and the
+    distance-only map refined (``--refine-steps`` per window) at the same count.
 
 Methods:
 
@@ -70,6 +71,7 @@ SEQUENCE_METHODS: dict[str, dict[str, float]] = {
     "hierarchical 1 cm +1": {"base_voxel_size": 0.01, "max_coarsen": 1},
     "hierarchical 1.5 cm +1": {"base_voxel_size": 0.015, "max_coarsen": 1},
     "hierarchical 1.5 cm +2": {"base_voxel_size": 0.015, "max_coarsen": 2},
+    "distance 2 cm + refine": {"base_voxel_size": 0.02, "refine": 1},
 }
 WINDOW_METHODS: dict[str, dict[str, float]] = {
     "dense 2 mm": {"base_voxel_size": 0.002},
@@ -172,7 +174,7 @@ def view_metrics(rendered: np.ndarray, frame) -> tuple[float, float]:
     return psnr(img[valid], frame.rgb[valid]), float(ssim)
 
 
-def part_c(seq, every: int = 8, window: int = 8) -> None:
+def part_c(seq, refine_steps: int, only: str = "", every: int = 8, window: int = 8) -> None:
     n = len(seq)
     held = [i for i in range(n) if i % every == every // 2]
     mapped = [i for i in range(n) if i % every != every // 2]
@@ -190,7 +192,9 @@ def part_c(seq, every: int = 8, window: int = 8) -> None:
           f"{np.mean([b[1] for b in bound_h]):>5.3f} {np.mean([b[0] for b in bound_m]):>11.2f} "
           f"{np.mean([b[1] for b in bound_m]):>5.3f}", flush=True)
     for name, sp in SEQUENCE_METHODS.items():
-        snap, _, seconds = build_map(seq, mapped, sp, 0, window=window)
+        if only and only not in name:
+            continue
+        snap, _, seconds = build_map(seq, mapped, sp, refine_steps, window=window)
         rows_h, rows_m, errs = [], [], []
         for i in held + probe:
             f = frames[i]
@@ -291,6 +295,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--figure", help="write the 2x2 picture of --figure-frame here (JPEG) and stop")
     ap.add_argument("--figure-frame", type=int, default=40)
+    ap.add_argument("--only", default="", help="part (c): only the methods whose name contains this")
     args = ap.parse_args()
     seq = open_sequence(args.data)
     if args.figure:
@@ -301,7 +306,7 @@ def main() -> int:
     if "b" in args.parts:
         part_b(seq, args.window_start, args.window_step, args.refine_steps * 4)
     if "c" in args.parts:
-        part_c(seq)
+        part_c(seq, args.refine_steps, args.only)
     return 0
 
 

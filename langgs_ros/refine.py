@@ -8,7 +8,11 @@ pixels with valid sensor depth ``V``:
 
 ``L = mean_V |rgb − I| + depth_weight · mean_{V ∩ {alpha > 0.5}} |depth − D|``  (colour in [0, 1], depth in m),
 
-i.e. SplaTAM's L1 colour + L1 depth (their silhouette mask is our ``alpha > 0.5``). Parameters are optimised in
+i.e. SplaTAM's L1 colour + L1 depth (their silhouette mask is our ``alpha > 0.5``). With ``exposure`` on, the
+rendered colour of frame ``i > 0`` is first mapped by a per-frame, per-channel affine ``a_i ⊙ rgb + b_i``
+(optimised with the Gaussians; frame 0 of the window is the reference, ``a_0 = 1, b_0 = 0``), so auto-exposure
+changes between frames are absorbed there instead of being baked into the colours (the per-image exposure
+compensation of Mip-NeRF 360-style appearance codes / MonoGS's affine brightness). Parameters are optimised in
 unconstrained form (logit opacity, log scale, raw quaternion, clamped colour) and kept within bounds after each
 step: each mean within ``max_mean_shift`` metres of where it started (the map's voxel keys stay meaningful),
 scales ≥ ``min_scale``. Instance ids and merge weights are not touched. The loop stops after ``steps`` steps or
@@ -48,6 +52,8 @@ class RefineConfig:
         lr_scales: learning rate of the log scales.
         lr_quats: learning rate of the (unnormalised) quaternions.
         depth_weight: weight of the L1 depth term (per metre) against the L1 colour term.
+        exposure: optimise a per-frame affine colour (exposure) for every frame but the first (see the module
+            docstring); ``lr_exposure`` its learning rate.
         max_mean_shift: a mean stays within this many metres of its starting point (per axis).
         min_scale: lower bound on every scale, metres.
         downscale: render at 1/downscale of the frames' resolution (area-averaged images, scaled intrinsics;
@@ -64,6 +70,8 @@ class RefineConfig:
     lr_scales: float = 0.01
     lr_quats: float = 0.002
     depth_weight: float = 1.0
+    exposure: bool = True
+    lr_exposure: float = 0.01
     max_mean_shift: float = 0.02
     min_scale: float = 1e-4
     downscale: int = 1
@@ -74,7 +82,7 @@ class RefineConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
-        for name in ("lr_means", "lr_colors", "lr_opacities", "lr_scales", "lr_quats", "depth_weight",
+        for name in ("lr_means", "lr_colors", "lr_opacities", "lr_scales", "lr_quats", "lr_exposure", "depth_weight",
                      "max_mean_shift", "min_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -187,13 +195,19 @@ def refine_gaussians(
         log_scales = gaussians.scales.detach().float().clamp(min=config.min_scale).log().requires_grad_()
         logit_op = torch.logit(gaussians.opacities.detach().float().clamp(1e-4, 1 - 1e-4)).requires_grad_()
         colors = gaussians.colors.detach().clone().float().requires_grad_()
-        opt = torch.optim.Adam([
+        gain = torch.ones(S, 3, device=dev).requires_grad_()  # per-frame exposure a_i, b_i (frame 0 fixed)
+        bias = torch.zeros(S, 3, device=dev).requires_grad_()
+        groups = [
             {"params": [means], "lr": config.lr_means},
             {"params": [quats], "lr": config.lr_quats},
             {"params": [log_scales], "lr": config.lr_scales},
             {"params": [logit_op], "lr": config.lr_opacities},
             {"params": [colors], "lr": config.lr_colors},
-        ], eps=1e-15)
+        ]
+        use_exposure = config.exposure and S > 1
+        if use_exposure:
+            groups.append({"params": [gain, bias], "lr": config.lr_exposure})
+        opt = torch.optim.Adam(groups, eps=1e-15)
         losses: list[float] = []
         log_min = math.log(config.min_scale)
         for step in range(config.steps):
@@ -205,7 +219,8 @@ def refine_gaussians(
             v = valid[i]
             if not bool(v.any()):
                 continue
-            loss = (out.rgb[v] - imgs[i][v]).abs().mean()
+            rgb = out.rgb * gain[i] + bias[i] if use_exposure and i > 0 else out.rgb
+            loss = (rgb[v] - imgs[i][v]).abs().mean()
             dm = v & (out.alpha > 0.5)
             if config.depth_weight > 0 and bool(dm.any()):
                 loss = loss + config.depth_weight * (out.depth[dm] - deps[i][dm]).abs().mean()

@@ -248,3 +248,29 @@ def test_a_diverging_refinement_returns_its_input() -> None:
     out, stats = refine_gaussians(g, img.rgb[None], img.depth[None], np.eye(4)[None], K_SMALL.numpy()[None], cfg)
     assert stats.skipped == "diverged"
     assert out is g
+
+
+def test_exposure_absorbs_a_brightness_change_between_frames() -> None:
+    """The second frame is 25 % brighter (auto exposure): with the per-frame affine exposure the Gaussians keep
+    the reference frame's colours; without it they drift towards the average of the two exposures."""
+    truth = _scene(60, 8)
+    truth.colors = truth.colors * 0.7  # room for the brighter copy below 1
+    poses = np.stack([np.eye(4), np.eye(4)])
+    poses[1, 0, 3] = 0.1
+    K = np.stack([K_SMALL.numpy()] * 2)
+    imgs, deps = [], []
+    for i, T in enumerate(poses):
+        r = render_gaussians(truth, T, K[0], W_SMALL, H_SMALL, backend="torch", render_instances=False)
+        imgs.append(r.rgb * (1.25 if i == 1 else 1.0))
+        deps.append(r.depth)
+    images, depths = torch.stack(imgs), torch.stack(deps)
+
+    def colour_error(exposure: bool) -> float:
+        cfg = RefineConfig(steps=80, max_seconds=600.0, lr_means=0.0, lr_scales=0.0, lr_quats=0.0, lr_opacities=0.0,
+                           lr_colors=0.01, exposure=exposure, lr_exposure=0.02)
+        refined, stats = refine_gaussians(truth, images, depths, poses, K, cfg)
+        assert stats.steps == 80 and not stats.skipped
+        return float((refined.colors - truth.colors).abs().mean())
+
+    with_exposure, without = colour_error(True), colour_error(False)
+    assert with_exposure < 0.5 * without, (with_exposure, without)
