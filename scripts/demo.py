@@ -73,7 +73,7 @@ def settle_seconds(diag: dict[str, str]) -> float:
     plus 1.5x the duration of the last processed window (its stage times), at least 4 s.
     """
     window_s = sum(float(diag.get(k, 0.0) or 0.0) for k in ("t_reconstruct_s", "t_semantics_s", "t_gaussians_s",
-                                                              "t_fuse_s"))
+                                                              "t_fuse_s", "t_refine_s"))
     return max(4.0, 2.0 + 1.5 * window_s)
 
 
@@ -194,15 +194,19 @@ def run_session(seq, backend: str, params: dict, args, label: str) -> tuple[int,
             time.sleep(1.0)
             state = (diag.get("queued_frames"), diag.get("queued_windows"), diag.get("processed_windows"),
                      diag.get("map_version"))
+            # Idle as test/ros_helpers.py's wait_idle sees it: no frame waiting for its partners (sync.pending),
+            # in the queue or in the frame buffer, no window queued or running (worker_busy).
             idle = (diag.get("queued_frames") == "0" and diag.get("queued_windows") == "0"
-                    and diag.get("pending_keyframes") == "0"
+                    and diag.get("pending_keyframes") == "0" and diag.get("worker_busy", "0") == "0"
+                    and diag.get("sync.pending", "0") == "0"
                     and int(diag.get("processed_windows", 0)) + int(diag.get("failed_windows", 0)) > 0)
             stable = stable + 1 if (idle and state == last) else 0
             last = state
             if stable >= settle_seconds(diag):
                 break
         print(f"[demo] map: {diag.get('map_gaussians')} Gaussians, {diag.get('map_instances')} instances, "
-              f"{diag.get('processed_windows')} windows, dropped windows {diag.get('dropped_windows')}", flush=True)
+              f"{diag.get('processed_windows')} windows, dropped windows {diag.get('dropped_windows')}, dropped frames "
+              f"{diag.get('dropped_frames')}, keyframes {diag.get('keyframes')}", flush=True)
 
         # A phrase is answered correctly when the top result lies in the box of any annotated object that has the
         # phrase as its name or synonym ("table", "plant" and "basket" name several objects by design).
