@@ -318,16 +318,18 @@ class SemanticGaussianMap:
         from langgs_ros.refine import view_counts
 
         with self._lock:
-            g = self.store.gaussians(self.device)
+            means = self.store.means  # the stored rows only; nothing else is copied before the selection
             identity = np.array_equal(self._map_from_store, np.eye(4))
             if not identity:
-                g = transform_gaussians(g, self._map_from_store)
-            counts = view_counts(g.means, world_from_camera, intrinsics, width, height)
+                M = torch.as_tensor(self._map_from_store, dtype=means.dtype, device=means.device)
+                means = means @ M[:3, :3].T + M[:3, 3]
+            counts = view_counts(means, world_from_camera, intrinsics, width, height)
             rows = torch.nonzero(counts > 0).squeeze(1)
             if max_gaussians is not None and rows.numel() > max_gaussians:
                 order = torch.sort(counts[rows], descending=True, stable=True).indices[:max_gaussians]
                 rows = torch.sort(rows[order]).values
-            return rows, g.select(rows)
+            g = self.store.rows_gaussians(rows)
+            return rows, g if identity else transform_gaussians(g, self._map_from_store)
 
     @torch.inference_mode()
     def update_gaussians(self, rows: torch.Tensor, gaussians: Gaussians) -> None:

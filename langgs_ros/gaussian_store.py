@@ -153,7 +153,7 @@ class GaussianStore:
     def memory_bytes(self) -> dict[str, float]:
         """``stored_per_gaussian`` (snapshot layout), ``runtime_per_gaussian`` (with level, last-seen, index
         entry) and ``total`` (including aliases and the cell table), bytes."""
-        stored = sum(t.element_size() * (t[0].numel() if t.ndim > 1 else 1) for t in
+        stored = sum(t.element_size() * math.prod(t.shape[1:]) for t in
                      (self._means, self._quats, self._scales, self._colors, self._opac, self._weights, self._inst))
         runtime = stored + self._levels.element_size() + self._seen.element_size() + \
             self._keys.element_size() + self._rows.element_size()

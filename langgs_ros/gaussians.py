@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from langgs_ros.geometry import quat_to_rotmat, rotmat_to_quat
 from langgs_ros.types import NO_INSTANCE, FrameSegmentation, Gaussians, WindowReconstruction
 
-__all__ = ["GaussianInitConfig", "gaussians_from_depth", "gaussians_from_window", "transform_gaussians"]
+__all__ = ["GaussianInitConfig", "gaussians_from_depth", "gaussians_from_window", "rgb_on_grid",
+           "transform_gaussians"]
 
 
 @dataclass
@@ -201,10 +202,7 @@ def _average_blocks(dz: torch.Tensor, valid: torch.Tensor, u: torch.Tensor, v: t
 
     out_valid = k > 0
     depth = torch.where(out_valid, mean(dz), torch.zeros_like(k, dtype=dz.dtype))
-    u_b, v_b = mean(u.contiguous()), mean(v.contiguous())
-    # Blocks without valid pixels keep their centre (never unprojected: depth 0).
-    u_b = torch.where(out_valid, u_b, blocks(u.contiguous())[..., 0])
-    v_b = torch.where(out_valid, v_b, blocks(v.contiguous())[..., 0])
+    u_b, v_b = mean(u.contiguous()), mean(v.contiguous())  # 0 for empty blocks: invalid, never unprojected
     col_b = mean(col)
     conf_b = mean(conf) if conf is not None else None
     ids_b = None
@@ -362,6 +360,28 @@ def _resize_nearest_ids(ids: np.ndarray, H: int, W: int) -> np.ndarray:
     return ids[ys[:, None], xs[None, :]]
 
 
+def rgb_on_grid(rgb: np.ndarray | torch.Tensor, height: int, width: int,
+                device: torch.device | str) -> torch.Tensor:
+    """A frame's colour image on another pixel grid (e.g. a reconstructor's depth grid).
+
+    Args:
+        rgb: (h, w, 3) uint8 (0..255) or float (0..1) RGB image.
+        height, width: the target grid.
+        device: where the result lives.
+
+    Returns:
+        The image itself as a tensor when the grid already matches (dtype kept), else the bilinearly resized
+        (antialiased) image, (height, width, 3) float32 in [0, 1].
+    """
+    t = rgb.to(device) if isinstance(rgb, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
+    if t.shape[:2] == (height, width):
+        return t
+    tf = t.float().permute(2, 0, 1)[None]
+    tf = tf / 255.0 if t.dtype == torch.uint8 else tf
+    return F.interpolate(tf, size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)[0].permute(1, 2, 0).clamp(0, 1)
+
+
 def gaussians_from_window(
     rec: WindowReconstruction,
     segmentations: Sequence[FrameSegmentation] | None = None,
@@ -393,12 +413,7 @@ def gaussians_from_window(
     H, W = int(rec.depth.shape[1]), int(rec.depth.shape[2])
     out = []
     for i in range(S):
-        rgb = torch.from_numpy(np.ascontiguousarray(rec.frames[i].rgb)).to(dev)
-        if rgb.shape[:2] != (H, W):
-            rgbf = rgb.float().permute(2, 0, 1)[None] / 255.0 if rgb.dtype == torch.uint8 else \
-                rgb.float().permute(2, 0, 1)[None]
-            rgb = F.interpolate(rgbf, size=(H, W), mode="bilinear", align_corners=False,
-                                antialias=True)[0].permute(1, 2, 0).clamp(0, 1)
+        rgb = rgb_on_grid(rec.frames[i].rgb, H, W, dev)
         ids = None
         if segmentations is not None:
             seg_ids = np.asarray(segmentations[i].instance_ids)

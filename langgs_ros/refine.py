@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from langgs_ros.diff_render import rasterize
+from langgs_ros.gaussians import rgb_on_grid
 from langgs_ros.types import Gaussians, WindowReconstruction
 
 if TYPE_CHECKING:
@@ -115,6 +116,12 @@ class RefineStats:
     skipped: str = ""
 
 
+def _tensor(x: torch.Tensor | np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``x`` as a ``dtype`` tensor on ``device`` (never an inference-mode tensor of the caller's)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float64))
+    return t.to(device=device, dtype=dtype).clone()
+
+
 def _downscale(images: torch.Tensor, depths: torch.Tensor, intrinsics: torch.Tensor,
                factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Area-average images, average valid depths, and scale intrinsics (pixel centres at integers)."""
@@ -164,11 +171,9 @@ def refine_gaussians(
     dev = gaussians.device
     imgs = torch.as_tensor(images).to(dev)
     imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float().clone()
-    deps = torch.as_tensor(depths).to(device=dev, dtype=torch.float32).clone()
-    T = torch.as_tensor(np.asarray(world_from_camera, dtype=np.float64) if not isinstance(world_from_camera,
-                        torch.Tensor) else world_from_camera).to(device=dev, dtype=torch.float64)
-    K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64) if not isinstance(intrinsics, torch.Tensor)
-                        else intrinsics).to(device=dev, dtype=torch.float32).clone()
+    deps = _tensor(depths, dev, torch.float32)
+    T = _tensor(world_from_camera, dev, torch.float64)
+    K = _tensor(intrinsics, dev, torch.float32)
     if imgs.ndim != 4 or imgs.shape[-1] != 3:
         raise ValueError(f"images must be (S, H, W, 3), got {tuple(imgs.shape)}")
     S, H, W = imgs.shape[:3]
@@ -273,10 +278,8 @@ def view_counts(means: torch.Tensor, world_from_camera: np.ndarray | torch.Tenso
         (N,) int32 counts on ``means``' device.
     """
     dev = means.device
-    T = torch.as_tensor(np.asarray(world_from_camera, dtype=np.float64) if not isinstance(world_from_camera,
-                        torch.Tensor) else world_from_camera).to(device=dev, dtype=torch.float64)
-    K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64) if not isinstance(intrinsics, torch.Tensor)
-                        else intrinsics).to(device=dev, dtype=torch.float64)
+    T = _tensor(world_from_camera, dev, torch.float64)
+    K = _tensor(intrinsics, dev, torch.float64)
     counts = torch.zeros(means.shape[0], dtype=torch.int32, device=dev)
     m = means.double()
     for i in range(T.shape[0]):
@@ -317,14 +320,8 @@ def refine_window(gaussian_map: SemanticGaussianMap, rec: WindowReconstruction, 
     if len(rows) == 0:
         return RefineStats()
     dev = g.device
-    imgs = []
-    for f in rec.frames:
-        rgb = torch.from_numpy(np.ascontiguousarray(f.rgb)).to(dev)
-        rgb = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
-        if rgb.shape[:2] != (H, W):
-            rgb = F.interpolate(rgb.permute(2, 0, 1)[None], size=(H, W), mode="bilinear",
-                                align_corners=False)[0].permute(1, 2, 0)
-        imgs.append(rgb)
+    imgs = [rgb_on_grid(f.rgb, H, W, dev) for f in rec.frames]
+    imgs = [t.float() / 255.0 if t.dtype == torch.uint8 else t.float() for t in imgs]
     try:
         refined, stats = refine_gaussians(g, torch.stack(imgs), rec.depth.to(dev), rec.world_from_camera.to(dev),
                                           rec.intrinsics.to(dev), config, backend=backend)

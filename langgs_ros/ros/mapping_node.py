@@ -80,7 +80,7 @@ from langgs_ros.ros.conversions import (
 from langgs_ros.ros.frame_sync import FrameSynchronizer, OdometryPoseBuffer, StampOrderError, TimeJump
 from langgs_ros.ros.health import Health
 from langgs_ros.ros.outputs import MapPublishers
-from langgs_ros.ros.parameters import CLIP_SAM_SCALARS, CONFIGURE, PARAMETERS, descriptor, resolve_device, validate
+from langgs_ros.ros.parameters import CONFIGURE, PARAMETERS, descriptor, resolve_device, validate
 from langgs_ros.srv import FindObject, LoadMap, SaveMap
 from langgs_ros.types import Frame, MapSnapshot
 
@@ -452,17 +452,12 @@ class MappingNode(LifecycleNode):
         if self.semantic_source == "labels":
             cfg.semantic_args = {"label_names": self.label_names or None}
         else:
+            # Every semantic.<name> parameter is the ClipSamConfig field <name> (empty paths: none; arrays, which
+            # rclpy gives as lists or array.array: tuples).
             cfg.semantic_args = {
-                "clip_model": p["semantic.clip_model"], "clip_pretrained": p["semantic.clip_pretrained"],
-                "sam_model_type": p["semantic.sam_model_type"],
-                "sam_checkpoint": p["semantic.sam_checkpoint"] or None,
-                "points_per_side": int(p["semantic.points_per_side"]), "preset": p["semantic.preset"],
-                "clip_checkpoint": p["semantic.clip_checkpoint"] or None,
-                "mask_levels": tuple(str(x) for x in p["semantic.mask_levels"]),
-                "crop_contexts": tuple(float(x) for x in p["semantic.crop_contexts"]),
-            }
-            for name in CLIP_SAM_SCALARS:  # every other clip_sam knob, by the ClipSamConfig field name
-                cfg.semantic_args[name] = p[f"semantic.{name}"]
+                key[len("semantic."):]: (v or None) if isinstance(v, str)
+                else v if isinstance(v, bool | int | float) else tuple(v)
+                for key, v in p.items() if key.startswith("semantic.")}
         return cfg
 
     def _worker_window_done(self, snapshot: MapSnapshot, stats: Any) -> None:

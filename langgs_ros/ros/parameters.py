@@ -203,14 +203,6 @@ PARAMETERS: dict[str, ParamSpec] = {
 }
 
 
-CLIP_SAM_SCALARS = ("points_per_batch", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
-                    "min_mask_region_area", "crop_n_layers", "precision", "background_keep", "subtract_smaller",
-                    "batch_size", "max_masks", "min_pixels", "overlap", "stuff", "stuff_min_area",
-                    "stuff_inlier_distance", "stuff_inlier_fraction", "stuff_normal_cos", "stuff_floor_below",
-                    "stuff_ceiling_above")
-"""``semantic.<name>`` parameters passed unchanged to :class:`~langgs_ros.semantics.clip_sam.ClipSamConfig`."""
-
-
 def descriptor(name: str, spec: ParamSpec):
     """The :class:`rcl_interfaces.msg.ParameterDescriptor` of one parameter (ranges, read-only, description)."""
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
