@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from langgs_ros.download import human_size
 from langgs_ros.weights_cli import main, sam_destination
 
 
@@ -85,7 +86,8 @@ def test_sam_is_downloaded_from_the_configured_site_once(tmp_path, monkeypatch, 
         out, err = capfd.readouterr()
         dest = tmp_path / "weights" / "sam" / "sam_vit_b_01ec64.pth"
         assert f"downloaded to {dest}" in out
-        assert f"from {url}sam_vit_b_01ec64.pth" in err and "MB" in err  # size stated before the transfer
+        size = human_size((site / "sam_vit_b_01ec64.pth").stat().st_size)  # the tiny preset is ~0.5 MB: "kB"
+        assert f"weights: {size} from {url}sam_vit_b_01ec64.pth" in err  # size stated before the transfer
         assert main(["sam"]) == 0 and f"present at {dest}" in capfd.readouterr().out
         assert requests == ["/sam_vit_b_01ec64.pth"]  # cached: fetched once
     loaded = build_sam_tiny(checkpoint=dest, seed=99)  # strict load of what was downloaded
