@@ -14,7 +14,7 @@ and deterministic so it can also serve as the key of an incremental map:
 - **Merge** (moment matching, see ``shared/docs/conventions.md``): with weights ``w_i`` = opacity × footprint
   area (``π s_a s_b`` of the two largest scales; ``g.weights`` when given, so already-merged Gaussians carry
   their accumulated mass): ``μ = Σ w_i μ_i / Σ w_i``, ``Σ = Σ w_i (Σ_i + γ (μ_i − μ)(μ_i − μ)ᵀ) / Σ w_i``
-  (two-pass, no cancellation), eigen-decomposed (batched ``torch.linalg.eigh``) back into scales and a proper
+  (two-pass, no cancellation), eigen-decomposed (closed form, ``geometry.symmetric_eigh3``) into scales and a proper
   rotation (det +1, quaternion w ≥ 0); ``γ = spread_gain`` (:class:`SparsifyConfig`) keeps splats as wide,
   relative to their patch, as a pixel surfel is relative to its pixel, so merged surfaces render without gaps.
   Colours: weighted mean. **Opacity**: ``1 − (1 − ō)^e`` of the weighted mean ``ō`` (``e = opacity_evidence``):

@@ -15,6 +15,7 @@ from langgs_ros.geometry import (
     rotation_from_yaw,
     rotmat_to_quat,
     scales_quats_from_covariance,
+    symmetric_eigh3,
     yaw_frame,
 )
 
@@ -54,6 +55,35 @@ def test_covariance_roundtrip_gives_proper_rotation() -> None:
     assert torch.allclose(cov2, cov, atol=1e-7)
     assert torch.all(s2[:, 0] <= s2[:, 1]) and torch.all(s2[:, 1] <= s2[:, 2])  # ascending
     torch.testing.assert_close(torch.sort(s2, dim=1).values, torch.sort(s, dim=1).values, atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spectrum", [None, (1e-4, 1.0, 1.0), (1e-4, 0.5, 1.0), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0),
+                                      (0.0, 0.0, 0.0), (1e-8, 1e-4, 1.0), (1.0, 1.0, 1.0 + 1e-9), (-1.0, 0.0, 2.0)])
+def test_closed_form_eigh3_matches_lapack(spectrum) -> None:
+    """symmetric_eigh3 against torch.linalg.eigh (LAPACK): same eigenvalues, A = V diag(λ) Vᵀ, V a proper
+    rotation, on random and on repeated / zero / flat-disc spectra (the merges' cases)."""
+    g = torch.Generator().manual_seed(7)
+    n = 2000
+    if spectrum is None:
+        X = torch.randn(n, 3, 3, generator=g, dtype=torch.float64)
+        A = X @ X.transpose(1, 2)
+    else:
+        Q, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=g, dtype=torch.float64))
+        A = Q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ Q.transpose(1, 2)
+    for dtype, tol in ((torch.float64, 5e-8), (torch.float32, 1e-6)):  # float64: acos near repeated roots
+        a = (A * 1e-4).to(dtype)  # covariances of cm-sized Gaussians (m²)
+        ev, V = symmetric_eigh3(a)
+        assert ev.dtype == dtype and V.dtype == dtype and V.shape == (n, 3, 3)
+        ref = torch.linalg.eigvalsh(a.double())
+        scale = a.double().abs().amax(dim=(1, 2)).clamp_min(1e-30)[:, None]
+        assert ((ev.double() - ref).abs() / scale).max() < tol
+        Vd = V.double()
+        rec = Vd @ torch.diag_embed(ev.double()) @ Vd.transpose(1, 2)
+        assert ((rec - a.double()).abs().amax(dim=2) / scale).max() < 10 * tol
+        assert (Vd.transpose(1, 2) @ Vd - torch.eye(3, dtype=torch.float64)).abs().max() < 10 * tol
+        assert (torch.linalg.det(Vd) - 1.0).abs().max() < 10 * tol
+    ev, V = symmetric_eigh3(torch.zeros(0, 3, 3))
+    assert ev.shape == (0, 3) and V.shape == (0, 3, 3)
 
 
 def test_yaw_frame_conventions() -> None:
