@@ -338,6 +338,12 @@ def hierarchical_levels(g: Gaussians, fine_levels: torch.Tensor, config: Sparsif
     return level.to(torch.int8)
 
 
+# Upper-triangle entries (a, b) of a symmetric 3×3 matrix, and the 9 row-major entries as indices into them.
+_SYM_A = (0, 0, 0, 1, 1, 2)
+_SYM_B = (0, 1, 2, 1, 2, 2)
+_SYM_FULL = (0, 1, 2, 1, 3, 4, 2, 4, 5)
+
+
 def merge_weights(g: Gaussians) -> torch.Tensor:
     """Merge weight per Gaussian: ``g.weights`` if present, else opacity × footprint area.
 
@@ -384,13 +390,17 @@ def merge_by_inverse(g: Gaussians, weights: torch.Tensor, inverse: torch.Tensor,
     quats = g.quats[first].clone()
     multi = counts > 1
     if bool(multi.any()):
-        # Second moments for all inputs (cheaper than masking out singletons); eigh only for groups >= 2.
+        # Second moments for all inputs (cheaper than masking out singletons); the six unique entries of
+        # w (Σ_i + γ d dᵀ), Σ_i = R diag(s²) Rᵀ; eigen-decomposed only for groups >= 2.
         d = g.means - mu[inverse]
-        A = quat_to_rotmat(g.quats) * g.scales[:, :, None].transpose(1, 2)
-        contrib = torch.einsum("nij,nkj->nik", A, A) + spread_gain * d[:, :, None] * d[:, None, :]  # Σ_i + γ d dᵀ
-        contrib = (contrib * wn[:, None, None]).reshape(-1, 9)
+        R = quat_to_rotmat(g.quats)  # (N, 3, 3)
+        rs = R * (g.scales * g.scales)[:, None, :]  # R diag(s²)
+        dw = d * (spread_gain * wn)[:, None]
+        contrib = torch.stack([(rs[:, a] * R[:, b]).sum(-1) * wn + dw[:, a] * d[:, b]
+                               for a, b in zip(_SYM_A, _SYM_B)], dim=1)  # (N, 6)
         idx = multi.nonzero().squeeze(1)
-        cov = torch.zeros(num_out, 9, device=dev).index_add_(0, inverse, contrib)[idx].reshape(-1, 3, 3)
+        cov6 = torch.zeros(num_out, 6, device=dev).index_add_(0, inverse, contrib)[idx]
+        cov = cov6[:, list(_SYM_FULL)].reshape(-1, 3, 3)
         s_m, q_m = scales_quats_from_covariance(cov, min_scale=min_scale)
         scales[idx] = s_m
         quats[idx] = q_m
