@@ -28,7 +28,7 @@ test: lint
 demo: setup
 	@bash scripts/demo.sh "$(DATA)" $(DEMO_ARGS)
 
-# Benchmarks (bench/run_all.py); bench/requirements.txt adds the benchmark-only peers (open3d).
+# Benchmarks (bench/run_all.py); bench/requirements.txt adds the benchmark-only peers (open3d, scikit-image).
 bench: setup
 	$(VENV)/bin/pip install -q -r bench/requirements.txt -c constraints.txt
 	$(PY) bench/run_all.py
