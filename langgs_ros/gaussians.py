@@ -329,11 +329,10 @@ def gaussians_from_depth(
     alt = _normalize(alt - (alt * n).sum(-1, keepdim=True) * n)
     t1 = torch.where(t1n > 1e-6, t1 / t1n.clamp_min(1e-12), alt)
     t2 = torch.linalg.cross(n, t1, dim=-1)
-    R_c = torch.stack((t1, t2, n), dim=-1)  # columns = local axes in the camera frame
-
     R_wc, t_wc = T[:3, :3], T[:3, 3]
     means = P @ R_wc.T + t_wc
-    R_w = R_wc[None] @ R_c
+    # Local axes (t1, t2, n) rotated into the world: columns of R_w = R_wc R_c (one GEMM per axis, no bmm).
+    R_w = torch.stack((t1 @ R_wc.T, t2 @ R_wc.T, n @ R_wc.T), dim=-1)
     quats = rotmat_to_quat(R_w)
 
     f = 0.5 * (fx + fy)
