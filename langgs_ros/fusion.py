@@ -269,6 +269,10 @@ class SemanticGaussianMap:
         :meth:`apply_correction` moved the map)."""
         return self._map_from_store.copy()
 
+    def _store_is_map_frame(self) -> bool:
+        """Whether the store's frame is the map frame (no correction applied since the map was made or loaded)."""
+        return bool(np.array_equal(self._map_from_store, np.eye(4)))
+
     def apply_correction(self, new_from_old: np.ndarray) -> None:
         """Move the whole map by a similarity ``map_new <- map_old`` (e.g. an unposed map re-levelled and
         re-scaled as more floor is seen; issue 9), without re-keying or merging anything.
@@ -319,7 +323,7 @@ class SemanticGaussianMap:
 
         with self._lock:
             means = self.store.means  # the stored rows only; nothing else is copied before the selection
-            identity = np.array_equal(self._map_from_store, np.eye(4))
+            identity = self._store_is_map_frame()
             if not identity:
                 M = torch.as_tensor(self._map_from_store, dtype=means.dtype, device=means.device)
                 means = means @ M[:3, :3].T + M[:3, 3]
@@ -355,7 +359,7 @@ class SemanticGaussianMap:
         with self._lock:
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.store.num_gaussians):
                 raise ValueError("rows out of range")
-            if not np.array_equal(self._map_from_store, np.eye(4)):
+            if not self._store_is_map_frame():
                 g = transform_gaussians(g, np.linalg.inv(self._map_from_store))
             old = self.store.rows_gaussians(rows)
             self.store.write_rows(rows, Gaussians(g.means, g.quats, g.scales, g.opacities.clamp(0.0, 1.0),
@@ -432,7 +436,7 @@ class SemanticGaussianMap:
                 raise ValueError(f"frame {i}: non-finite Gaussian means/scales/quats")
         stats = IntegrationStats(frames=S)
         with self._lock:
-            if not np.array_equal(self._map_from_store, np.eye(4)):  # inputs come in the map frame
+            if not self._store_is_map_frame():  # inputs come in the map frame
                 from langgs_ros.gaussians import transform_gaussians
 
                 store_from_map = np.linalg.inv(self._map_from_store)
@@ -520,7 +524,7 @@ class SemanticGaussianMap:
             snap = MapSnapshot(gaussians=g, instances=table, encoder_id=self.encoder_id, up=self._up_store.copy(),
                                frame_id=self.frame_id, camera_positions=self._cameras.copy(),
                                floor_height=self._floor, stamp=self._stamp, version=self._version)
-            if not np.array_equal(self._map_from_store, np.eye(4)):
+            if not self._store_is_map_frame():
                 snap = dataclasses.replace(transform_snapshot(snap, self._map_from_store), up=self.up.copy())
             self._snapshot_cache = snap
             return snap

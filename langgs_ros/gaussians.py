@@ -295,7 +295,7 @@ def gaussians_from_depth(
     # Pixel centres (integer coordinates of the full-resolution grid).
     v_pix = (torch.arange(h, device=dev, dtype=torch.float32) * s)[:, None].expand(h, w)
     u_pix = (torch.arange(w, device=dev, dtype=torch.float32) * s)[None, :].expand(h, w)
-    footprint = torch.full((h, w), float(s), device=dev)  # in-plane extent in full-resolution pixels
+    footprint: torch.Tensor | None = None  # per-surfel in-plane extent in full-resolution pixels (blocks)
     normal_step, normal_window = cfg.normal_step, cfg.normal_window
     if cfg.block > 1:
         dz, valid, u_pix, v_pix, col, conf, ids, footprint = _average_blocks(
@@ -336,7 +336,8 @@ def gaussians_from_depth(
     quats = rotmat_to_quat(R_w)
 
     f = 0.5 * (fx + fy)
-    foot = cfg.scale_factor * footprint.reshape(-1)[idx] * P[:, 2] / f
+    extent = footprint.reshape(-1)[idx] if footprint is not None else float(s)  # pixels: s without blocks
+    foot = cfg.scale_factor * extent * P[:, 2] / f
     stretch = 1.0 / cos.clamp_min(cfg.min_cos)
     scales = torch.stack((foot * stretch, foot, foot * cfg.thickness_ratio), dim=-1)
 
