@@ -13,9 +13,10 @@ intrinsics, and compared with the frame on its valid-depth pixels (8-bit PSNR, m
     whole-frame SSIM (scikit-image) at the left-out poses and at as many mapped poses, next to the forward-warp
     bound of the same views (every mapped frame's valid pixels re-projected with the ground-truth poses, nearest
     wins; black where nothing lands, like the map's background), the median error of the rendered depth against
-    the sensor's at the left-out views, the Gaussian count and bytes per Gaussian — the geometry–semantic levels
-    against the distance-only method at equal Gaussian budgets, a sweep of budgets (a Pareto table), and the
-    distance-only map refined (``--refine-steps`` per window) at the same count.
+    the sensor's at the left-out views (planar depth, PGSR's ray–splat-plane intersection, and the 3DGS expected
+    depth of the means, see :func:`langgs_ros.render.planar_depth`), the Gaussian count and bytes per Gaussian —
+    the geometry–semantic levels against the distance-only method at equal Gaussian budgets, a sweep of budgets
+    (a Pareto table), and the distance-only map refined (``--refine-steps`` per window) at the same count.
 
 Methods:
 
@@ -68,10 +69,12 @@ METHODS: dict[str, dict[str, float]] = {
 SEQUENCE_METHODS: dict[str, dict[str, float]] = {
     "distance 1.5 cm": {"base_voxel_size": 0.015},
     "distance 2 cm": {"base_voxel_size": 0.02},
+    "distance 2.5 cm": {"base_voxel_size": 0.025},
     "distance 3 cm": {"base_voxel_size": 0.03},
     "hierarchical 1 cm +1": {"base_voxel_size": 0.01, "max_coarsen": 1},
     "hierarchical 1.5 cm +1": {"base_voxel_size": 0.015, "max_coarsen": 1},
     "hierarchical 1.5 cm +2": {"base_voxel_size": 0.015, "max_coarsen": 2},
+    "hierarchical 2 cm +1": {"base_voxel_size": 0.02, "max_coarsen": 1},
     "distance 2 cm + refine": {"base_voxel_size": 0.02, "refine": 1},
 }
 WINDOW_METHODS: dict[str, dict[str, float]] = {
@@ -174,43 +177,47 @@ def view_metrics(rendered: np.ndarray, frame) -> tuple[float, float]:
     return psnr(img[valid], frame.rgb[valid]), float(ssim)
 
 
-def part_c(seq, refine_steps: int, only: str = "", every: int = 8, window: int = 8) -> None:
+def part_c(seq, refine_steps: int, only: str = "", skip: str = "", every: int = 8, window: int = 8) -> None:
     n = len(seq)
     held = [i for i in range(n) if i % every == every // 2]
     mapped = [i for i in range(n) if i % every != every // 2]
     probe = mapped[every // 4::every][:len(held)]  # as many mapped views, spread over the sequence
     print(f"\n(c) sequence of {n} frames mapped without every {every}th ({len(held)} left out: {held[0]}, "
-          f"{held[1]}, ...), windows of {window}; PSNR on valid-depth pixels / whole-frame SSIM; depth error at "
-          "the left-out views")
+          f"{held[1]}, ...), windows of {window}; PSNR on valid-depth pixels / whole-frame SSIM; median depth "
+          "error at the left-out views, planar (ray meets the blended splat plane) and expected (blended z of the "
+          "means) depth")
     frames = {i: seq.frame(i) for i in held + mapped}
     bound_h = [view_metrics(forward_warp([frames[j] for j in mapped], frames[i]), frames[i]) for i in held]
     bound_m = [view_metrics(forward_warp([frames[j] for j in mapped if j != i], frames[i]), frames[i])
                for i in probe]
     print(f"{'method':<24} {'Gaussians':>9} {'B/G':>4} {'held PSNR':>9} {'SSIM':>5} {'mapped PSNR':>11} {'SSIM':>5} "
-          f"{'depth err':>9} {'map s':>6}")
+          f"{'planar d.':>9} {'exp. d.':>9} {'map s':>6}")
     print(f"{'forward-warp bound':<24} {'':>9} {'':>4} {np.mean([b[0] for b in bound_h]):>9.2f} "
           f"{np.mean([b[1] for b in bound_h]):>5.3f} {np.mean([b[0] for b in bound_m]):>11.2f} "
           f"{np.mean([b[1] for b in bound_m]):>5.3f}", flush=True)
     bpg = round(bytes_per_gaussian())
     for name, sp in SEQUENCE_METHODS.items():
-        if only and only not in name:
+        if (only and only not in name) or (skip and skip in name):
             continue
         snap, _, seconds = build_map(seq, mapped, sp, refine_steps, window=window)
-        rows_h, rows_m, errs = [], [], []
+        rows_h, rows_m, errs_p, errs_e = [], [], [], []
         for i in held + probe:
             f = frames[i]
             H, W = f.rgb.shape[:2]
             out = render_gaussians(snap.gaussians, f.world_from_camera, f.intrinsics, W, H, backend="torch",
-                                   render_instances=False)
+                                   render_instances=False, depth_mode="planar")
             (rows_h if i in held else rows_m).append(view_metrics(np.asarray(out.rgb) * 255.0, f))
             if i in held:
-                d, r = np.asarray(f.depth), np.asarray(out.depth)
-                ok = (d > 0) & (r > 0)
-                errs.append(np.abs(r[ok] - d[ok]))
+                d = np.asarray(f.depth)
+                expected = render_gaussians(snap.gaussians, f.world_from_camera, f.intrinsics, W, H,
+                                            backend="torch", render_instances=False).depth
+                for errs, r in ((errs_p, np.asarray(out.depth)), (errs_e, np.asarray(expected))):
+                    ok = (d > 0) & (r > 0)
+                    errs.append(np.abs(r[ok] - d[ok]))
         print(f"{name:<24} {len(snap.gaussians):>9} {bpg:>4} {np.mean([r[0] for r in rows_h]):>9.2f} "
               f"{np.mean([r[1] for r in rows_h]):>5.3f} {np.mean([r[0] for r in rows_m]):>11.2f} "
-              f"{np.mean([r[1] for r in rows_m]):>5.3f} {100 * np.median(np.concatenate(errs)):>7.2f}cm "
-              f"{seconds:>6.1f}", flush=True)
+              f"{np.mean([r[1] for r in rows_m]):>5.3f} {100 * np.median(np.concatenate(errs_p)):>7.2f}cm "
+              f"{100 * np.median(np.concatenate(errs_e)):>7.2f}cm {seconds:>6.1f}", flush=True)
 
 
 def novel_view(world_from_camera: np.ndarray, back: float = 0.35, yaw_deg: float = 15.0) -> np.ndarray:
@@ -308,6 +315,7 @@ def main() -> int:
     ap.add_argument("--figure", help="write the 2x2 picture of --figure-frame here (JPEG) and stop")
     ap.add_argument("--figure-frame", type=int, default=40)
     ap.add_argument("--only", default="", help="part (c): only the methods whose name contains this")
+    ap.add_argument("--skip", default="", help="part (c): not the methods whose name contains this")
     args = ap.parse_args()
     seq = open_sequence(args.data)
     if args.figure:
@@ -318,7 +326,7 @@ def main() -> int:
     if "b" in args.parts:
         part_b(seq, args.window_start, args.window_step, args.refine_steps * 4)
     if "c" in args.parts:
-        part_c(seq, args.refine_steps, args.only)
+        part_c(seq, args.refine_steps, args.only, args.skip)
     return 0
 
 

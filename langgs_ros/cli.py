@@ -5,7 +5,7 @@
     langgs query MAP.ply "TEXT" ["TEXT" ...] [--queries-file FILE] [--top-k K] [--json]
     langgs eval MAP.ply --objects objects.json [--queries FILE] [--margin 0.10]
     langgs render MAP.ply (--pose 16 numbers | --pose-file FILE --index I) --intrinsics FX FY CX CY
-                  --size W H --out view.png [--what rgb|depth|instances]
+                  --size W H --out view.png [--what rgb|depth|instances] [--depth-mode planar|expected]
     langgs info MAP.ply
 
 Frames: ``map`` writes the map in the dataset's world frame (the frame of its camera-to-world poses), metres;
@@ -271,7 +271,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     fx, fy, cx, cy = args.intrinsics
     K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
     w, h = args.size
-    out = render_gaussians(snap.gaussians, pose, K, w, h)
+    out = render_gaussians(snap.gaussians, pose, K, w, h, render_instances=args.what == "instances",
+                           depth_mode=args.depth_mode)
     if args.what == "rgb":
         img = (np.asarray(out.rgb).clip(0, 1) * 255).astype(np.uint8)[..., ::-1]
     elif args.what == "depth":
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--intrinsics", type=float, nargs=4, required=True, metavar=("FX", "FY", "CX", "CY"))
     r.add_argument("--size", type=int, nargs=2, required=True, metavar=("W", "H"))
     r.add_argument("--what", choices=("rgb", "depth", "instances"), default="rgb")
+    r.add_argument("--depth-mode", choices=("planar", "expected"), default="planar",
+                   help="depth: where the ray meets the blended splat plane (planar, PGSR) or the blended z of "
+                        "the splats' means (expected, 3DGS)")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_render)
 

@@ -59,6 +59,18 @@ def test_render_and_info(small_map: Path, hololens_dir: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     img = cv2.imread(str(png))
     assert img.shape == (180, 270, 3) and img.mean() > 10
+    # Depth in millimetres (16-bit PNG), at half resolution of the frame: it agrees with the sensor's depth.
+    dpng = tmp_path / "depth.png"
+    proc = run("render", str(small_map), "--pose-file", str(hololens_dir / "poses.txt"), "--index", "8",
+               "--intrinsics", "247.785", "247.74", "134.75", "84.595", "--size", "270", "180", "--what", "depth",
+               "--out", str(dpng))
+    assert proc.returncode == 0, proc.stderr
+    rendered = cv2.imread(str(dpng), cv2.IMREAD_UNCHANGED)
+    assert rendered.dtype == np.uint16 and rendered.shape == (180, 270)
+    sensor = open_sequence(hololens_dir).frame(8).depth[::2, ::2] * 1000.0
+    both = (rendered > 0) & (sensor > 0)
+    assert both.mean() > 0.3
+    assert np.median(np.abs(rendered[both] - sensor[both])) < 30.0  # mm
     proc = run("info", str(small_map))
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)

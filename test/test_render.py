@@ -231,6 +231,64 @@ def test_features_composite_like_colours() -> None:
     assert torch.abs(out.features - out.rgb).max() < 1e-5  # black background
 
 
+def _tilted_plane_gaussians(tilt_deg: float, offsets: list[tuple[float, float]]) -> tuple[Gaussians, np.ndarray]:
+    """Flat wide Gaussians centred on one plane through (0, 0, 2) m whose normal is tilted ``tilt_deg`` about
+    the camera x axis; returns them and the plane's (unit normal, offset) in the camera frame (n · p = d)."""
+    R = Rotation.from_euler("x", tilt_deg, degrees=True)
+    n = R.apply([0.0, 0.0, -1.0])
+    centre = np.array([0.0, 0.0, 2.0])
+    means = [centre + R.apply([dx, dy, 0.0]) for dx, dy in offsets]
+    q = R.as_quat()  # xyzw; local z (smallest scale) = the normal
+    quats = np.tile([q[3], q[0], q[1], q[2]], (len(offsets), 1))
+    k = len(offsets)
+    g = make_gaussians(means, np.tile([1.0, 1.0, 0.001], (k, 1)), np.full(k, 0.99), np.full((k, 3), 0.5),
+                       np.zeros(k), quats=quats)
+    return g, np.r_[n, n @ centre]
+
+
+@pytest.mark.parametrize("offsets", [[(0.0, 0.0)], [(-0.2, 0.1), (0.25, -0.15), (0.0, 0.3)]])
+def test_planar_depth_follows_a_slanted_surface(offsets) -> None:
+    """PGSR's unbiased depth: where wide splats cover a slanted plane, ``depth_mode="planar"`` gives the ray–plane
+    intersection at every covered pixel (one splat or several overlapping ones), expected depth only the means'."""
+    width, height = 64, 48
+    K = small_K(width, height, 50.0)
+    g, plane = _tilted_plane_gaussians(50.0, offsets)
+    planar = render_gaussians(g, np.eye(4), K, width, height, depth_mode="planar")
+    expected = render_gaussians(g, np.eye(4), K, width, height)
+    v, u = np.mgrid[0:height, 0:width]
+    rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones((height, width))], -1)
+    truth = plane[3] / (rays @ plane[:3])  # z-depth of the ray's hit: n · (z r) = d
+    m = planar.alpha.numpy() >= 0.5
+    assert m.mean() > 0.3
+    assert np.abs(truth[m].max() - truth[m].min()) > 0.5  # the plane spans a real depth range in view
+    np.testing.assert_allclose(planar.depth.numpy()[m], truth[m], rtol=1e-4)
+    assert np.abs(expected.depth.numpy()[m] - truth[m]).max() > 0.2
+    assert (planar.depth.numpy()[~m] == 0).all()
+    torch.testing.assert_close(planar.rgb, expected.rgb)
+    torch.testing.assert_close(planar.alpha, expected.alpha)
+
+
+def test_planar_depth_falls_back_at_grazing_planes_and_keeps_features() -> None:
+    width, height = 40, 30
+    K = small_K(width, height, 25.0)
+    # A plane seen almost edge-on (normal 88° from the optical axis): expected depth is kept.
+    g, _ = _tilted_plane_gaussians(88.0, [(0.0, 0.0)])
+    g.scales[:] = torch.tensor([1.0, 1.0, 0.05])
+    a = render_gaussians(g, np.eye(4), K, width, height, depth_mode="planar")
+    b = render_gaussians(g, np.eye(4), K, width, height)
+    assert (b.alpha >= 0.5).any()
+    torch.testing.assert_close(a.depth, b.depth)
+    # Features composite the same with the plane channels appended behind them.
+    s = random_scene(300, 2)
+    feats = torch.randn(len(s), 5)
+    p = render_gaussians(s, np.eye(4), K, width, height, extra_features=feats, depth_mode="planar")
+    e = render_gaussians(s, np.eye(4), K, width, height, extra_features=feats)
+    torch.testing.assert_close(p.features, e.features)
+    assert (p.depth > 0).eq(e.depth > 0).all()
+    with pytest.raises(ValueError, match="depth_mode"):
+        render_gaussians(s, np.eye(4), K, width, height, depth_mode="median")  # type: ignore[arg-type]
+
+
 def test_backend_selection_and_errors() -> None:
     g = random_scene(10, 0)
     K = small_K(16, 16, 10.0)
@@ -280,6 +338,9 @@ def test_gsplat_backend_matches_torch_compositor() -> None:
     both = (out.alpha.cpu() > 0.6) & (ref.alpha > 0.6)
     assert torch.abs(out.depth.cpu() - ref.depth)[both].mean() < 1e-3
     assert (out.instance_ids.cpu() == ref.instance_ids).float().mean() > 0.98
+    planar_ref = render_gaussians(g, np.eye(4), K, 96, 64, backend="torch", depth_mode="planar")
+    planar = render_gaussians(g.to("cuda"), np.eye(4), K, 96, 64, backend="gsplat", depth_mode="planar")
+    assert torch.abs(planar.depth.cpu() - planar_ref.depth)[both].mean() < 1e-3
 
 
 def _hololens_frame(root, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
